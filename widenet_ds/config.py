@@ -1,0 +1,211 @@
+"""The model configuration: architecture (``WideNetConfig``), MoE run-time settings
+(``MoESettings``) and the named presets.
+
+Where settings live (DESIGN.md section 3):
+
+- ``WideNetConfig`` holds the architecture. It is saved as ``config.json`` with every
+  checkpoint and export.
+- ``MoESettings`` holds the MoE's run-time knobs (capacity, token dropping, expert
+  parallelism, aux-loss weight). Their home is the ``moe`` block of the DeepSpeed JSON;
+  the values in effect are copied into ``WideNetConfig.moe`` so that a model loaded
+  without DeepSpeed routes exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+NOISE_POLICIES = ("gaussian", "jitter", "rsample", "none")
+ACTIVATIONS = ("gelu_new", "gelu", "relu")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be built. The message lists every problem found."""
+
+    def __init__(self, what: str, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid {what} ({len(problems)} problem(s)):\n{lines}")
+
+
+def _raise_if(what: str, problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(what, problems)
+
+
+@dataclass
+class MoESettings:
+    """Run-time settings of the MoE layer (the ``moe`` block of a DeepSpeed JSON)."""
+
+    capacity_factor: float = 1.2  # C in training: an expert keeps at most C*K*tokens/E tokens
+    eval_capacity_factor: float = 1.2  # C in eval mode (the paper uses 2.0 for SQuAD1.1)
+    min_capacity: int = 4  # lower bound of the per-expert capacity, in tokens
+    drop_tokens: bool = True  # False: capacity grows to fit every route (no token dropped)
+    ep_size: int = 1  # expert-parallel world: ranks that split the experts between them
+    aux_loss_coef: float = 0.01  # lambda: weight of the load-balance loss (mean over routing calls)
+
+    @classmethod
+    def from_dict(cls, block: dict[str, Any] | None, source: str = "moe block") -> MoESettings:
+        """Build from a JSON block, refusing unknown keys and bad values (all reported at once)."""
+        block = dict(block or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        problems = [f"{source}: unknown key '{k}' (known: {', '.join(sorted(known))})"
+                    for k in block if k not in known]
+        settings = cls(**{k: v for k, v in block.items() if k in known})
+        _raise_if(source, problems + settings.problems(source))
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def problems(self, source: str = "moe") -> list[str]:
+        out = []
+        for name in ("capacity_factor", "eval_capacity_factor", "aux_loss_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                out.append(f"{source}.{name} must be a number >= 0, got {value!r}")
+        for name, low in (("min_capacity", 0), ("ep_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                out.append(f"{source}.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.drop_tokens, bool):
+            out.append(f"{source}.drop_tokens must be true or false, got {self.drop_tokens!r}")
+        return out
+
+
+class WideNetConfig(PreTrainedConfig):
+    """Architecture of a WideNet, ALBERT or BERT encoder (one class, three families).
+
+    Sharing is set per component: ``share_attention`` and ``share_ffn`` make one module
+    instance that every block calls; ``share_layer_norm`` shares the two LayerNorms of a
+    block as well (ALBERT). WideNet shares attention and FFN/MoE but not LayerNorms.
+    ``num_experts == 1`` gives a dense FFN.
+    """
+
+    model_type = "widenet"
+
+    vocab_size: int = 30000  # tokens in the vocabulary
+    embedding_size: int = 128  # factorized embedding width (ALBERT's E), projected to hidden_size
+    hidden_size: int = 768  # width of the residual stream
+    num_hidden_layers: int = 12  # blocks N; with sharing, the number of times the shared layers run
+    num_attention_heads: int = 12  # heads of the multi-head attention
+    intermediate_size: int = 3072  # inner width of the FFN and of every expert
+    hidden_act: str = "gelu_new"  # FFN activation: gelu_new (tanh approx., ALBERT), gelu or relu
+    hidden_dropout_prob: float = 0.0  # dropout on embeddings and on every residual branch
+    attention_probs_dropout_prob: float = 0.0  # dropout on attention probabilities
+    classifier_dropout_prob: float = 0.1  # dropout before the SOP and GLUE classifiers
+    max_position_embeddings: int = 512  # longest sequence (learned absolute positions)
+    type_vocab_size: int = 2  # segment ids (A/B)
+    initializer_range: float = 0.02  # std of the normal init of weights
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon
+    pre_layer_norm: bool = True  # True: x + f(LN(x)) (the paper's WideNet); False: LN(x + f(x)) (ALBERT/BERT)
+    share_attention: bool = True  # one attention module reused by every block
+    share_ffn: bool = True  # one FFN / MoE module reused by every block
+    share_layer_norm: bool = False  # one LayerNorm pair for all blocks (ALBERT) instead of one per block
+    num_experts: int = 4  # experts E in the MoE; 1 gives a dense FFN
+    top_k: int = 2  # experts per token K
+    router_noise: str = "gaussian"  # gaussian (paper, on logits), jitter / rsample (DeepSpeed's), none
+    router_noise_std: float | None = None  # std of the gaussian logit noise; None means 1/E (official code)
+    router_normalize_top_k: bool = False  # renormalise the kept top-k gates to sum 1 (GShard/DeepSpeed top-2)
+    moe: dict | None = None  # MoESettings in effect, recorded from the DeepSpeed JSON
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 3
+    tie_word_embeddings: bool = True  # MLM decoder shares the word-embedding matrix
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.moe = MoESettings.from_dict(self.moe, "config.moe").to_dict()
+        self.check()
+
+    @property
+    def moe_settings(self) -> MoESettings:
+        return MoESettings(**self.moe)
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the Gaussian router noise actually used."""
+        return 1.0 / self.num_experts if self.router_noise_std is None else self.router_noise_std
+
+    def check(self) -> None:
+        """Raise one ConfigError listing every problem of this config."""
+        _raise_if("WideNetConfig", self.problems())
+
+    def problems(self) -> list[str]:
+        p = []
+        positive = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_experts", "top_k")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                p.append(f"{name} must be a positive integer, got {value!r}")
+        if not p and self.hidden_size % self.num_attention_heads:
+            p.append(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})")
+        if not p and self.top_k > self.num_experts:
+            p.append(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                p.append(f"{name} must be in [0, 1), got {value!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            p.append(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        if self.router_noise not in NOISE_POLICIES:
+            p.append(f"router_noise must be one of {NOISE_POLICIES}, got {self.router_noise!r}")
+        if self.router_noise == "rsample" and self.top_k != 1:
+            p.append("router_noise 'rsample' (Gumbel sampling of the expert) needs top_k 1")
+        if self.router_noise_std is not None and not self.router_noise_std >= 0:
+            p.append(f"router_noise_std must be >= 0 or null (1/E), got {self.router_noise_std!r}")
+        settings = MoESettings(**self.moe)
+        p += settings.problems("moe")
+        if isinstance(self.num_experts, int) and isinstance(settings.ep_size, int) and settings.ep_size >= 1:
+            if self.num_experts % settings.ep_size:
+                p.append(f"moe.ep_size ({settings.ep_size}) must divide num_experts ({self.num_experts})")
+        return p
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> WideNetConfig:
+        """A named preset (see ``PRESETS``), with field overrides."""
+        if name not in PRESETS:
+            raise ConfigError("preset", [f"unknown preset '{name}' (known: {', '.join(PRESETS)})"])
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        _raise_if(f"overrides of preset '{name}'", [f"unknown field '{k}'" for k in unknown])
+        return cls(**{**PRESETS[name], **overrides})
+
+    def with_moe_settings(self, settings: MoESettings) -> WideNetConfig:
+        """Record run-time MoE settings (from a DeepSpeed JSON) in this config; returns self."""
+        self.moe = settings.to_dict()
+        self.check()
+        return self
+
+
+def _family(hidden: int, layers: int, heads: int, ffn: int) -> dict[str, dict[str, Any]]:
+    """ALBERT, BERT (factorized embedding) and WideNet E=4/8/16 at one size."""
+    shape = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                 intermediate_size=ffn, embedding_size=128, vocab_size=30000)
+    dense = dict(num_experts=1, top_k=1, pre_layer_norm=False)
+    albert = dict(shape, **dense, share_attention=True, share_ffn=True, share_layer_norm=True)
+    bert = dict(shape, **dense, share_attention=False, share_ffn=False, share_layer_norm=False)
+    widenet = {e: dict(shape, num_experts=e, top_k=2, pre_layer_norm=True, share_attention=True,
+                       share_ffn=True, share_layer_norm=False) for e in (4, 8, 16)}
+    return {"albert": albert, "bert": bert, **{f"widenet-e{e}": w for e, w in widenet.items()}}
+
+
+def _presets() -> dict[str, dict[str, Any]]:
+    presets = {
+        "debug": dict(vocab_size=512, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
+                      num_experts=4, top_k=2),
+    }
+    for size, shape in (("base", (768, 12, 12, 3072)), ("large", (1024, 24, 16, 4096))):
+        for family, fields in _family(*shape).items():
+            stem, _, experts = family.partition("-")
+            presets["-".join(filter(None, (stem, size, experts)))] = fields
+    return presets
+
+
+# debug, albert-base, bert-base, widenet-base-e4/e8/e16, and the same at -large.
+PRESETS: dict[str, dict[str, Any]] = _presets()

@@ -1,0 +1,139 @@
+"""WideNet's router, as a gate that plugs into DeepSpeed's ``MOELayer``.
+
+``g(x) = TopK(softmax(f(x) + eps))``, eps ~ N(0, std^2) in training (std 1/E by default),
+per-expert capacity ``max(ceil(C * K * S / E), min_capacity)``, and the Switch
+load-balance loss ``E * sum_e m_e * P_e``.
+
+Shape suffixes: S tokens, E experts, K routes per token.
+
+DeepSpeed's ``TopKGate`` has no additive logit noise and its top-2 path samples the
+second expert with Gumbel noise even in eval mode; this gate is deterministic in eval.
+It returns what ``MOELayer`` expects of a sparse-route gate, with one documented
+difference: ``exp_counts`` is a (2, E) tensor, row 0 the routes each expert received,
+row 1 the routes it kept within capacity (DeepSpeed only passes it through).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from deepspeed import comm as dist
+from deepspeed.comm import pg_utils
+from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter
+from torch import Tensor
+
+
+def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """Tokens one expert keeps: ``max(ceil(C * K * S / E), min_capacity)`` (DeepSpeed's rule)."""
+    # Rounding before the ceiling keeps float noise (e.g. 5.999999) from costing a slot.
+    capacity = math.ceil(round(num_tokens * k * capacity_factor / num_experts, 6))
+    return max(capacity, min_capacity)
+
+
+def load_balance_loss(probs_SE: Tensor, routed_SE: Tensor, k: int) -> Tensor:
+    """Switch loss ``E * sum_e m_e * P_e``: m_e the share of routes sent to e, P_e its mean probability."""
+    num_experts = probs_SE.shape[1]
+    mean_prob_E = probs_SE.mean(0)
+    route_share_E = routed_SE.float().mean(0) / k
+    return num_experts * (mean_prob_E * route_share_E).sum()
+
+
+def top_k_route(logits_SE: Tensor, k: int, capacity: int | None, token_mask_S: Tensor | None = None,
+                normalize: bool = False, select_SE: Tensor | None = None, ep_group=None):
+    """Route S tokens to their top-k experts under a per-expert capacity.
+
+    Args:
+        logits_SE: router logits (noise already added), fp32.
+        k: routes per token.
+        capacity: tokens an expert keeps; None keeps every route (no dropping).
+        token_mask_S: 1 for real tokens, 0 for padding (never routed, not in the loss).
+        normalize: rescale each token's kept gates to sum 1.
+        select_SE: scores that pick the experts, if not the probabilities (Gumbel sampling).
+        ep_group: expert-parallel group; capacities are made equal across it.
+
+    Capacity is filled in priority order: every token's first choice before any second
+    choice, and in token order within a choice (GShard / DeepSpeed top-2).
+
+    Returns ``(l_aux, capacity, E, indices_KS, locations_KS, gates_KS, counts_2E)``;
+    dropped routes have index -1 and gate 0.
+    """
+    probs_SE = F.softmax(logits_SE, dim=-1)
+    num_tokens, num_experts = probs_SE.shape
+    choice_SK = torch.topk(probs_SE if select_SE is None else select_SE, k, dim=-1).indices
+    gates_SK = probs_SE.gather(1, choice_SK)
+    used_S = torch.ones(num_tokens, dtype=torch.bool, device=logits_SE.device)
+    if token_mask_S is not None:
+        used_S = token_mask_S.reshape(-1).bool()
+    onehot_KSE = F.one_hot(choice_SK.t(), num_experts) * used_S[None, :, None]
+    routed_E = onehot_KSE.sum((0, 1))
+
+    used_probs_SE = probs_SE[used_S] if token_mask_S is not None else probs_SE
+    l_aux = load_balance_loss(used_probs_SE, onehot_KSE.sum(0)[used_S], k) if used_S.any() else probs_SE.sum() * 0
+
+    capacity_t = routed_E.max() if capacity is None else torch.tensor(capacity, device=logits_SE.device)
+    if pg_utils.is_parallel(ep_group):
+        dist.all_reduce(capacity_t, op=dist.ReduceOp.MAX, group=ep_group)
+
+    position_KSE = onehot_KSE.reshape(-1, num_experts).cumsum(0).reshape_as(onehot_KSE) - 1
+    location_KS = (position_KSE * onehot_KSE).sum(-1)
+    kept_KS = used_S[None, :] & (location_KS < capacity_t)
+    gates_KS = gates_SK.t() * kept_KS
+    if normalize:
+        gates_KS = gates_KS / gates_KS.sum(0, keepdim=True).clamp(min=torch.finfo(gates_KS.dtype).eps)
+    indices_KS = torch.where(kept_KS, choice_SK.t(), -1).to(torch.int32)
+    locations_KS = (location_KS * kept_KS).to(torch.int32)
+    kept_E = (onehot_KSE * kept_KS[..., None]).sum((0, 1))
+    counts_2E = torch.stack([routed_E, kept_E]).detach()
+    return l_aux, capacity_t, num_experts, indices_KS, locations_KS, gates_KS, counts_2E
+
+
+class WideNetGate(TopKGate):
+    """Top-k router with the paper's Gaussian logit noise, for DeepSpeed's ``MOELayer``.
+
+    Args:
+        model_dim: hidden size of the tokens routed.
+        num_experts: experts E (global, across the expert-parallel group).
+        k: routes per token.
+        capacity_factor: C in training.
+        eval_capacity_factor: C in eval mode.
+        min_capacity: lower bound of the per-expert capacity.
+        drop_tokens: False keeps every route (capacity = the busiest expert's load).
+        noise: 'gaussian' (eps added to logits), 'jitter' (DeepSpeed's multiplicative input
+            jitter), 'rsample' (Gumbel-sampled top-1 choice) or 'none'. Training only.
+        noise_std: std of the Gaussian noise.
+        normalize: rescale each token's kept gates to sum 1.
+    """
+
+    def __init__(self, model_dim: int, num_experts: int, k: int, capacity_factor: float,
+                 eval_capacity_factor: float, min_capacity: int, drop_tokens: bool,
+                 noise: str = "gaussian", noise_std: float = 0.0, normalize: bool = False) -> None:
+        super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
+                         noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False)
+        self.noise = noise
+        self.noise_std = noise_std
+        self.normalize = normalize
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity for this many tokens in the current mode; None when not dropping."""
+        if not self.drop_tokens:
+            return None
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return expert_capacity(num_tokens, self.wg.out_features, self.k, factor, self.min_capacity)
+
+    def forward(self, input: Tensor, used_token: Tensor | None = None, sparse_routes: bool = True,
+                use_tutel: bool = False):
+        assert sparse_routes and not use_tutel, "WideNetGate serves MOELayer's sparse-route path only"
+        x_SD = input.float()
+        noisy = self.training and self.noise != "none"
+        if noisy and self.noise == "jitter":
+            x_SD = multiplicative_jitter(x_SD, device=x_SD.device)
+        logits_SE = F.linear(x_SD, self.wg.weight.float())
+        select_SE = None
+        if noisy and self.noise == "gaussian" and self.noise_std > 0:
+            logits_SE = logits_SE + torch.randn_like(logits_SE) * self.noise_std
+        elif noisy and self.noise == "rsample":
+            select_SE = logits_SE + gumbel_rsample(logits_SE.shape, device=logits_SE.device)
+        return top_k_route(logits_SE, self.k, self.capacity(x_SD.shape[0]), used_token, self.normalize,
+                           select_SE, self.ep_group)

@@ -1,0 +1,240 @@
+"""Hugging Face model classes: encoder, pretraining (MLM + SOP), MLM and sequence classification.
+
+Every output carries the main loss, the MoE aux loss ``lambda / T * sum_t l_aux_t`` (T the
+routing calls of the forward), and per-call expert counts and dropped-token fractions.
+``loss`` is main + aux, the value to backpropagate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ..config import MoESettings, WideNetConfig
+from .layers import ACTIVATION_FNS, Embeddings, Encoder, MoEFeedForward, RoutingStats
+
+
+def combine_aux_loss(routing: list[RoutingStats], coef: float) -> Tensor | None:
+    """The one place the MoE load-balance losses become a loss: ``coef / T * sum_t l_aux_t``."""
+    if not routing:
+        return None
+    return coef * torch.stack([r.l_aux for r in routing]).mean()
+
+
+@dataclass
+class WideNetModelOutput(ModelOutput):
+    last_hidden_state: Tensor | None = None  # (B, T, H)
+    pooler_output: Tensor | None = None  # (B, H) tanh(dense([CLS]))
+    aux_loss: Tensor | None = None  # lambda / T * sum of per-call l_aux (None without MoE)
+    expert_counts: Tensor | None = None  # (T, E) routes per expert, per routing call
+    dropped_fraction: Tensor | None = None  # (T,) share of routes dropped, per routing call
+
+
+@dataclass
+class WideNetForPreTrainingOutput(ModelOutput):
+    loss: Tensor | None = None  # mlm_loss + sop_loss + aux_loss
+    mlm_loss: Tensor | None = None
+    sop_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    prediction_logits: Tensor | None = None  # (B, T, V)
+    sop_logits: Tensor | None = None  # (B, 2)
+    expert_counts: Tensor | None = None
+    dropped_fraction: Tensor | None = None
+
+
+@dataclass
+class WideNetMaskedLMOutput(ModelOutput):
+    loss: Tensor | None = None  # mlm_loss + aux_loss
+    mlm_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    logits: Tensor | None = None  # (B, T, V)
+    expert_counts: Tensor | None = None
+    dropped_fraction: Tensor | None = None
+
+
+@dataclass
+class WideNetSequenceClassifierOutput(ModelOutput):
+    loss: Tensor | None = None  # task loss + aux_loss
+    task_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    logits: Tensor | None = None  # (B, num_labels)
+    expert_counts: Tensor | None = None
+    dropped_fraction: Tensor | None = None
+
+
+def _sum_losses(*losses: Tensor | None) -> Tensor | None:
+    present = [x for x in losses if x is not None]
+    return sum(present) if present else None
+
+
+class WideNetPreTrainedModel(PreTrainedModel):
+    config_class = WideNetConfig
+    base_model_prefix = "widenet"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Encoder"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MLMHead):
+            nn.init.zeros_(module.bias)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+        for module in self.modules():
+            if isinstance(module, Encoder):
+                module.gradient_checkpointing = enable
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+
+    def apply_moe_settings(self, settings: MoESettings) -> None:
+        """Use new run-time MoE settings (e.g. a fine-tuning JSON's) and record them in the config."""
+        for layer in self.moe_layers():
+            layer.apply_settings(settings)
+        self.config.with_moe_settings(settings)
+
+
+class WideNetModel(WideNetPreTrainedModel):
+    """The encoder: embeddings, N blocks, pooler."""
+
+    def __init__(self, config: WideNetConfig):
+        super().__init__(config)
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, **kwargs) -> WideNetModelOutput:
+        x = self.embeddings(input_ids, token_type_ids)
+        x, routing = self.encoder(x, attention_mask)
+        return WideNetModelOutput(
+            last_hidden_state=x,
+            pooler_output=torch.tanh(self.pooler(x[:, 0])),
+            aux_loss=combine_aux_loss(routing, self.config.moe_settings.aux_loss_coef),
+            expert_counts=torch.stack([r.expert_counts for r in routing]) if routing else None,
+            dropped_fraction=torch.stack([r.dropped_fraction for r in routing]) if routing else None,
+        )
+
+
+class MLMHead(nn.Module):
+    """hidden -> embedding_size -> vocab, the decoder tied to the word embeddings."""
+
+    def __init__(self, config: WideNetConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.embedding_size)
+        self.act = ACTIVATION_FNS[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.embedding_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.embedding_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x_BTH: Tensor) -> Tensor:
+        return self.decoder(self.LayerNorm(self.act(self.dense(x_BTH)))) + self.bias  # (B, T, V)
+
+
+def _mlm_loss(logits_BTV: Tensor, labels_BT: Tensor | None) -> Tensor | None:
+    if labels_BT is None:
+        return None
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=-100)
+
+
+class WideNetForPreTraining(WideNetPreTrainedModel):
+    """Encoder + MLM head + sentence-order-prediction head (ALBERT's pretraining)."""
+
+    _tied_weights_keys = {"predictions.decoder.weight": "widenet.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: WideNetConfig):
+        super().__init__(config)
+        self.widenet = WideNetModel(config)
+        self.predictions = MLMHead(config)
+        self.sop_classifier = nn.Sequential(nn.Dropout(config.classifier_dropout_prob),
+                                            nn.Linear(config.hidden_size, 2))
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.predictions.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.predictions.decoder = value
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, labels: Tensor | None = None,
+                sentence_order_label: Tensor | None = None, **kwargs) -> WideNetForPreTrainingOutput:
+        out = self.widenet(input_ids, attention_mask, token_type_ids)
+        logits = self.predictions(out.last_hidden_state)
+        sop_logits = self.sop_classifier(out.pooler_output)
+        mlm_loss = _mlm_loss(logits, labels)
+        sop_loss = None if sentence_order_label is None else F.cross_entropy(sop_logits.float(), sentence_order_label)
+        main = _sum_losses(mlm_loss, sop_loss)
+        return WideNetForPreTrainingOutput(
+            loss=None if main is None else _sum_losses(main, out.aux_loss),
+            mlm_loss=mlm_loss, sop_loss=sop_loss, aux_loss=out.aux_loss,
+            prediction_logits=logits, sop_logits=sop_logits,
+            expert_counts=out.expert_counts, dropped_fraction=out.dropped_fraction)
+
+
+class WideNetForMaskedLM(WideNetPreTrainedModel):
+    """Encoder + MLM head."""
+
+    _tied_weights_keys = {"predictions.decoder.weight": "widenet.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: WideNetConfig):
+        super().__init__(config)
+        self.widenet = WideNetModel(config)
+        self.predictions = MLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.predictions.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.predictions.decoder = value
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, labels: Tensor | None = None,
+                **kwargs) -> WideNetMaskedLMOutput:
+        out = self.widenet(input_ids, attention_mask, token_type_ids)
+        logits = self.predictions(out.last_hidden_state)
+        mlm_loss = _mlm_loss(logits, labels)
+        return WideNetMaskedLMOutput(
+            loss=None if mlm_loss is None else _sum_losses(mlm_loss, out.aux_loss),
+            mlm_loss=mlm_loss, aux_loss=out.aux_loss, logits=logits,
+            expert_counts=out.expert_counts, dropped_fraction=out.dropped_fraction)
+
+
+class WideNetForSequenceClassification(WideNetPreTrainedModel):
+    """Encoder + classifier on the pooled [CLS]: cross-entropy when num_labels > 1,
+    mean-squared error when num_labels == 1 (STS-B)."""
+
+    def __init__(self, config: WideNetConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.widenet = WideNetModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, labels: Tensor | None = None,
+                **kwargs) -> WideNetSequenceClassifierOutput:
+        out = self.widenet(input_ids, attention_mask, token_type_ids)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        task_loss = None
+        if labels is not None and self.num_labels == 1:
+            task_loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        elif labels is not None:
+            task_loss = F.cross_entropy(logits.float(), labels)
+        return WideNetSequenceClassifierOutput(
+            loss=None if task_loss is None else _sum_losses(task_loss, out.aux_loss),
+            task_loss=task_loss, aux_loss=out.aux_loss, logits=logits,
+            expert_counts=out.expert_counts, dropped_fraction=out.dropped_fraction)
