@@ -51,13 +51,19 @@ class MoESettings:
     @classmethod
     def from_dict(cls, block: dict[str, Any] | None, source: str = "moe block") -> MoESettings:
         """Build from a JSON block, refusing unknown keys and bad values (all reported at once)."""
+        settings, problems = cls._parse(block, source)
+        _raise_if(source, problems)
+        return settings
+
+    @classmethod
+    def _parse(cls, block: dict[str, Any] | None, source: str) -> tuple[MoESettings, list[str]]:
+        """Settings from the known keys, and every problem of the block."""
         block = dict(block or {})
         known = {f.name for f in dataclasses.fields(cls)}
         problems = [f"{source}: unknown key '{k}' (known: {', '.join(sorted(known))})"
                     for k in block if k not in known]
         settings = cls(**{k: v for k, v in block.items() if k in known})
-        _raise_if(source, problems + settings.problems(source))
-        return settings
+        return settings, problems + settings.problems(source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +125,7 @@ class WideNetConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.moe = MoESettings.from_dict(self.moe, "config.moe").to_dict()
+        self.moe = {**MoESettings().to_dict(), **(self.moe or {})}
         self.check()
 
     @property
@@ -159,8 +165,8 @@ class WideNetConfig(PreTrainedConfig):
             p.append("router_noise 'rsample' (Gumbel sampling of the expert) needs top_k 1")
         if self.router_noise_std is not None and not self.router_noise_std >= 0:
             p.append(f"router_noise_std must be >= 0 or null (1/E), got {self.router_noise_std!r}")
-        settings = MoESettings(**self.moe)
-        p += settings.problems("moe")
+        settings, moe_problems = MoESettings._parse(self.moe, "moe")
+        p += moe_problems
         if isinstance(self.num_experts, int) and isinstance(settings.ep_size, int) and settings.ep_size >= 1:
             if self.num_experts % settings.ep_size:
                 p.append(f"moe.ep_size ({settings.ep_size}) must divide num_experts ({self.num_experts})")
@@ -171,7 +177,7 @@ class WideNetConfig(PreTrainedConfig):
         """A named preset (see ``PRESETS``), with field overrides."""
         if name not in PRESETS:
             raise ConfigError("preset", [f"unknown preset '{name}' (known: {', '.join(PRESETS)})"])
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)} - {"num_labels"})
         _raise_if(f"overrides of preset '{name}'", [f"unknown field '{k}'" for k in unknown])
         return cls(**{**PRESETS[name], **overrides})
 

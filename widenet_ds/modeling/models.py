@@ -83,7 +83,8 @@ class WideNetPreTrainedModel(PreTrainedModel):
         if isinstance(module, MLMHead):
             nn.init.zeros_(module.bias)
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        """Non-reentrant checkpointing of every block (reentrant + ZeRO-2 + shared weights fails)."""
         for module in self.modules():
             if isinstance(module, Encoder):
                 module.gradient_checkpointing = enable

@@ -1,0 +1,80 @@
+"""Expert parallelism with DeepSpeed's MoE on 2 CPU processes (gloo): each rank holds half
+the experts and the ep_size=2 model computes what the ep_size=1 model computes."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from widenet_ds import WideNetConfig, WideNetForPreTraining
+from widenet_ds.distributed import close_distributed, free_port, init_distributed
+from widenet_ds.expert_sharding import local_expert_range, to_local_experts
+
+WORLD = 2
+
+
+def _batch(rank, config):
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(5, config.vocab_size, (2, 10 + 3 * rank), generator=g)  # ranks differ in length too
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+                sentence_order_label=torch.tensor([0, 1]))
+
+
+def _forward_backward(model, batch, seed):
+    torch.manual_seed(seed)  # same router noise in both models
+    out = model(**batch)
+    out.loss.backward()
+    return out
+
+
+def _worker(rank, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed()
+    try:
+        _check_parity(rank)
+    finally:
+        close_distributed()
+
+
+def _check_parity(rank):
+    base = WideNetConfig.from_preset("debug", num_experts=4, moe={"drop_tokens": False, "ep_size": 1})
+    torch.manual_seed(0)
+    reference = WideNetForPreTraining(base).train()  # identical on both ranks
+    parallel = WideNetForPreTraining(WideNetConfig.from_preset(
+        "debug", num_experts=4, moe={"drop_tokens": False, "ep_size": WORLD})).train()
+    for layer in parallel.moe_layers():
+        layer.moe.set_deepspeed_parallelism()
+    parallel.load_state_dict(to_local_experts(reference.state_dict(), 4, WORLD, rank))
+
+    experts = parallel.widenet.encoder.ffn[0].moe.deepspeed_moe.experts.deepspeed_experts
+    assert len(experts) == 2, "each rank holds half the experts"
+    ref_experts = reference.widenet.encoder.ffn[0].moe.deepspeed_moe.experts.deepspeed_experts
+    for local, global_index in enumerate(local_expert_range(4, WORLD, rank)):
+        assert torch.equal(experts[local].ffn.weight, ref_experts[global_index].ffn.weight)
+
+    batch = _batch(rank, base)
+    ref_out = _forward_backward(reference, batch, seed=7 + rank)
+    par_out = _forward_backward(parallel, batch, seed=7 + rank)
+    torch.testing.assert_close(par_out.prediction_logits, ref_out.prediction_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(par_out.loss, ref_out.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(par_out.aux_loss, ref_out.aux_loss)
+    assert torch.equal(par_out.expert_counts, ref_out.expert_counts)
+
+    # Non-expert gradients come from this rank's tokens only (no engine, no data-parallel reduction).
+    # Expert gradients on rank r hold every rank's tokens routed to its experts: the sum of the
+    # reference gradients over ranks.
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    for name, grad in ref_grads.items():
+        if "deepspeed_experts" in name:
+            dist.all_reduce(grad)
+    local_ref_grads = to_local_experts(ref_grads, 4, WORLD, rank)
+    for name, param in parallel.named_parameters():
+        torch.testing.assert_close(param.grad, local_ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_ep2_forward_backward_matches_ep1_on_the_same_weights_and_inputs():
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)

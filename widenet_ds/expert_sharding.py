@@ -1,0 +1,45 @@
+"""Mapping expert weights between the full layout (all E experts, ep_size 1) and one
+expert-parallel rank's local layout (E / ep_size experts, renumbered from 0).
+
+DeepSpeed names expert parameters ``...deepspeed_experts.<local index>.<name>``; rank r of
+an ep_size-P group holds global experts ``r * E/P ... (r + 1) * E/P - 1``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import Tensor
+
+_EXPERT_KEY = re.compile(r"(.*\.deepspeed_experts\.)(\d+)(\..*)")
+
+
+def local_expert_range(num_experts: int, ep_size: int, ep_rank: int) -> range:
+    """Global indices of the experts that expert-parallel rank ``ep_rank`` holds."""
+    per_rank = num_experts // ep_size
+    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+
+def to_local_experts(state_dict: dict[str, Tensor], num_experts: int, ep_size: int,
+                     ep_rank: int) -> dict[str, Tensor]:
+    """From a full state dict, keep this rank's experts under their local indices."""
+    wanted = local_expert_range(num_experts, ep_size, ep_rank)
+    out = {}
+    for key, value in state_dict.items():
+        match = _EXPERT_KEY.fullmatch(key)
+        if match is None:
+            out[key] = value
+        elif int(match[2]) in wanted:
+            out[f"{match[1]}{int(match[2]) - wanted.start}{match[3]}"] = value
+    return out
+
+
+def to_global_experts(state_dict: dict[str, Tensor], num_experts: int, ep_size: int,
+                      ep_rank: int) -> dict[str, Tensor]:
+    """Rename this rank's local expert keys to their global indices (the inverse of to_local_experts)."""
+    first = local_expert_range(num_experts, ep_size, ep_rank).start
+    out = {}
+    for key, value in state_dict.items():
+        match = _EXPERT_KEY.fullmatch(key)
+        out[key if match is None else f"{match[1]}{int(match[2]) + first}{match[3]}"] = value
+    return out
