@@ -1,0 +1,53 @@
+"""The DeepSpeed engine around a WideNet model: optimizer parameter groups (MoE-aware),
+the optimizer named in the JSON, and ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ds_config import RunConfig
+
+NO_DECAY = ("bias", "LayerNorm", "_norm", "final_norm")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay / no-decay groups (no decay on biases and LayerNorms), split by DeepSpeed into
+    expert and non-expert groups so expert gradients reduce over the expert data-parallel group."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if any(tag in name for tag in NO_DECAY) else decay).append(param)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def build_optimizer(model: nn.Module, spec: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW (PyTorch's; fused on GPU) or LAMB (pytorch_optimizer's, trust ratio per tensor it sees:
+    per layer under ZeRO 0, per partition under ZeRO 1-2)."""
+    params = dict(spec.get("params", {}))
+    groups = param_groups(model, params.pop("weight_decay", 0.01))
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    if spec["type"] == "Lamb":
+        from pytorch_optimizer import Lamb
+
+        return Lamb(groups, **params)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **params)
+
+
+def initialize_engine(model: nn.Module, run: RunConfig):
+    """``deepspeed.initialize`` with our optimizer; returns (engine, optimizer, lr_scheduler).
+
+    DeepSpeed creates the expert-parallel groups for every MoE layer here (ep_size from the
+    model, which was built with the JSON's ``moe.ep_size``)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, run.optimizer)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=run.deepspeed)
+    return engine, optimizer, scheduler
