@@ -25,7 +25,7 @@ def test_preset_parameter_counts_match_the_papers(name):
 
 
 def test_every_preset_named_in_the_brief_exists_and_builds_a_valid_config():
-    expected = {"debug"} | {f"{f}-{s}" for f in ("albert", "bert") for s in ("base", "large")} | {
+    expected = {"debug", "widenet-small"} | {f"{f}-{s}" for f in ("albert", "bert") for s in ("base", "large")} | {
         f"widenet-{s}-e{e}" for s in ("base", "large") for e in (4, 8, 16)}
     assert set(PRESETS) == expected
     for name in PRESETS:

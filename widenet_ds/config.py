@@ -205,6 +205,9 @@ def _presets() -> dict[str, dict[str, Any]]:
         "debug": dict(vocab_size=512, embedding_size=16, hidden_size=32, num_hidden_layers=3,
                       num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
                       num_experts=4, top_k=2),
+        # small enough to pretrain on a laptop CPU in minutes (the README's default run)
+        "widenet-small": dict(vocab_size=8000, embedding_size=128, hidden_size=256, num_hidden_layers=4,
+                              num_attention_heads=4, intermediate_size=1024, num_experts=4, top_k=2),
     }
     for size, shape in (("base", (768, 12, 12, 3072)), ("large", (1024, 24, 16, 4096))):
         for family, fields in _family(*shape).items():
@@ -213,5 +216,5 @@ def _presets() -> dict[str, dict[str, Any]]:
     return presets
 
 
-# debug, albert-base, bert-base, widenet-base-e4/e8/e16, and the same at -large.
+# debug, widenet-small, albert-base, bert-base, widenet-base-e4/e8/e16, and the same at -large.
 PRESETS: dict[str, dict[str, Any]] = _presets()

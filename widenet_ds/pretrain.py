@@ -1,0 +1,309 @@
+"""Pretraining: corpus -> SentencePiece tokenizer -> ALBERT-style MLM + SOP examples ->
+DeepSpeed training with checkpoints, evaluation, metrics and a Hugging Face export.
+
+``setup`` checks everything a user can get wrong before any compute, ``fit`` trains,
+``evaluate`` measures MLM and SOP accuracy on the held-out split. ``launch/pretrain.py``
+only parses the command line and calls ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import checkpointing
+from .config import PRESETS, ConfigError, WideNetConfig
+from .distributed import close_distributed, init_distributed
+from .ds_config import RunConfig, load_run_config
+from .metrics_log import MetricsWriter, get_logger, is_main_process
+from .modeling import WideNetForPreTraining
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
+log = get_logger("widenet_ds.pretrain")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Pretrain WideNet / ALBERT / BERT with MLM + SOP on DeepSpeed.")
+    data = p.add_argument_group("data")
+    data.add_argument("--train_files", nargs="+", help="globs of .txt / .jsonl / .parquet files "
+                      "(default: the docstrings of Python's standard library, a small built-in corpus)")
+    data.add_argument("--dataset", help="a datasets hub name instead of files, e.g. wikitext")
+    data.add_argument("--dataset_config", help="the hub dataset's config, e.g. wikitext-103-raw-v1")
+    data.add_argument("--text_field", default="text", help="text column of .jsonl / .parquet / hub data")
+    data.add_argument("--tokenizer", help="an existing tokenizer folder (default: train one into output_dir/tokenizer)")
+    data.add_argument("--vocab_size", type=int, help="SentencePiece vocabulary when training one "
+                      "(default 30000; 8000 for the built-in corpus)")
+    data.add_argument("--max_seq_length", type=int, default=512)
+    data.add_argument("--short_seq_prob", type=float, default=0.1)
+    data.add_argument("--masked_lm_prob", type=float, default=0.15)
+    data.add_argument("--max_ngram", type=int, default=3)
+    data.add_argument("--eval_fraction", type=float, default=0.02, help="documents held out for evaluation")
+    data.add_argument("--num_proc", type=int, default=1, help="processes for tokenization")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default="widenet-small", choices=sorted(PRESETS))
+    model.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                       help="change one model-config field, e.g. --override num_experts=8 (repeatable)")
+    model.add_argument("--activation_checkpointing", action="store_true", help="non-reentrant, per block")
+    run = p.add_argument_group("run")
+    run.add_argument("--output_dir", default="runs/pretrain")
+    run.add_argument("--max_steps", type=int, default=200, help="optimizer steps")
+    run.add_argument("--resume", help="'auto' (newest complete checkpoint in output_dir, if any) or a path")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--log_every", type=int, default=10)
+    run.add_argument("--eval_every", type=int, default=100)
+    run.add_argument("--eval_batches", type=int, default=20)
+    run.add_argument("--save_every", type=int, default=100)
+    run.add_argument("--keep_last", type=int, default=3, help="complete checkpoints to keep")
+    run.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    import deepspeed
+
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["num_experts=8", "pre_layer_norm=false"]`` -> typed values (JSON syntax, else a string)."""
+    out, problems = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"--override {item!r}: expected FIELD=VALUE")
+            continue
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    if problems:
+        raise ConfigError("command line", problems)
+    return out
+
+
+@dataclass
+class Job:
+    """Everything ``fit`` needs, built by ``setup``."""
+
+    args: argparse.Namespace
+    run: RunConfig
+    config: WideNetConfig
+    output_dir: Path
+    data: Any  # PretrainingData from widenet_ds.data
+    engine: Any = None
+    metrics: MetricsWriter | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # step, tokens, sampler position
+
+
+def _git_hash() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _write_run_record(job: Job) -> None:
+    """The resolved model config, DeepSpeed config and git hash, in output_dir."""
+    if not is_main_process():
+        return
+    job.config.to_json_file(job.output_dir / "model_config.json", use_diff=False)
+    (job.output_dir / "ds_config.json").write_text(json.dumps(job.run.to_dict(), indent=2))
+    record = {"git": _git_hash(), "args": {k: v for k, v in vars(job.args).items() if k != "deepspeed"},
+              "world_size": job.run.world_size, "precision": job.run.precision, "zero_stage": job.run.zero_stage,
+              "optimizer": job.run.optimizer["type"],
+              "lamb_trust_ratio": ("per partition (ZeRO)" if job.run.zero_stage else "per layer")
+              if job.run.optimizer["type"] == "Lamb" else None}
+    (job.output_dir / "run.json").write_text(json.dumps(record, indent=2))
+
+
+def setup(args: argparse.Namespace) -> Job:
+    """Check the inputs, prepare tokenizer and data, build the model and the engine, resume."""
+    from .data.pipeline import prepare_pretraining_data
+
+    init_distributed()
+    world = dist.get_world_size()
+    run = load_run_config(args.deepspeed_config or DEFAULT_DS_CONFIG, world_size=world,
+                          cuda=torch.cuda.is_available(), max_steps=args.max_steps)
+    overrides = parse_overrides(args.override)
+    WideNetConfig.from_preset(args.preset, **overrides).with_moe_settings(run.moe)  # fail before data work
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = checkpointing.resolve_resume(args.resume, output_dir / "checkpoints")
+
+    data = prepare_pretraining_data(args, output_dir, micro_batch_size=run.micro_batch_size)
+    if "vocab_size" in overrides and overrides["vocab_size"] != data.vocab_size:
+        raise ConfigError("command line", [f"--override vocab_size={overrides['vocab_size']} does not match the "
+                                           f"tokenizer's {data.vocab_size} tokens ({data.tokenizer_dir})"])
+    config = WideNetConfig.from_preset(args.preset, **{**overrides, "vocab_size": data.vocab_size},
+                                       pad_token_id=data.pad_token_id).with_moe_settings(run.moe)
+    if resume_from is not None:
+        checkpointing.check_architecture(resume_from, config)
+
+    torch.manual_seed(args.seed)
+    model = WideNetForPreTraining(config)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    from .engine import initialize_engine
+
+    job = Job(args, run, config, output_dir, data)
+    job.engine, _, _ = initialize_engine(model, run)
+    job.state = {"step": 0, "tokens": 0, "sampler": None}
+    if resume_from is not None:
+        job.state = checkpointing.load_checkpoint(job.engine, resume_from, config)
+        log.info("resumed from %s at step %d", resume_from, job.state["step"])
+    job.data.sampler.load_state_dict(job.state["sampler"]) if job.state["sampler"] else None
+    job.metrics = MetricsWriter(output_dir)
+    _write_run_record(job)
+    return job
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    values = values.detach().float().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+class _Window:
+    """Losses and routing statistics summed since the last log line (kept on the device: no sync per step)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, out, tokens: int) -> None:
+        parts = {"loss": out.loss, "mlm_loss": out.mlm_loss, "sop_loss": out.sop_loss, "aux_loss": out.aux_loss,
+                 "expert_counts": out.expert_counts, "dropped_fraction": out.dropped_fraction}
+        for key, value in parts.items():
+            if value is not None:
+                value = value.detach().float()
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+        self.tokens += tokens
+
+    def record(self, step: int, lr: float, world: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.start
+        record: dict[str, Any] = {"step": step}
+        for key, value in self.sums.items():
+            mean = _mean_over_ranks(value / self.count)
+            if key == "expert_counts":
+                record["expert_load"] = (mean / mean.sum(-1, keepdim=True)).tolist()  # (T, E) shares
+            else:
+                record[key] = mean.tolist()
+        record.update(lr=lr, tokens_per_s=self.tokens * world / max(elapsed, 1e-9))
+        return record
+
+
+def evaluate(job: Job) -> dict[str, float]:
+    """MLM accuracy (masked positions), SOP accuracy and losses on the held-out split."""
+    engine = job.engine
+    engine.eval()
+    sums = torch.zeros(6, dtype=torch.float64)  # mlm correct, mlm total, sop correct, sop total, loss, batches
+    with torch.no_grad():
+        for i, batch in enumerate(job.data.eval_batches()):
+            if i >= job.args.eval_batches:
+                break
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            out = engine(**batch)
+            masked = batch["labels"] != -100
+            sums += torch.tensor([
+                (out.prediction_logits.argmax(-1)[masked] == batch["labels"][masked]).sum().item(),
+                masked.sum().item(),
+                (out.sop_logits.argmax(-1) == batch["sentence_order_label"]).sum().item(),
+                batch["sentence_order_label"].numel(), out.loss.item(), 1], dtype=torch.float64)
+    engine.train()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return {"eval_mlm_accuracy": sums[0].item() / max(sums[1].item(), 1),
+            "eval_sop_accuracy": sums[2].item() / max(sums[3].item(), 1),
+            "eval_loss": sums[4].item() / max(sums[5].item(), 1)}
+
+
+def _save(job: Job) -> None:
+    job.state["sampler"] = job.data.sampler.state_dict()
+    checkpointing.save_checkpoint(job.engine, job.output_dir / "checkpoints", job.state["step"], job.state,
+                                  job.config, job.run.to_dict(), keep_last=job.args.keep_last)
+
+
+def fit(job: Job) -> list[dict[str, Any]]:
+    """Train to ``--max_steps``; returns the logged records."""
+    from tqdm.auto import tqdm
+
+    args, engine = job.args, job.engine
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    batches = job.data.train_batches()
+    records, window = [], _Window()
+    bar = tqdm(total=args.max_steps, initial=job.state["step"], disable=not is_main_process(), desc="pretrain")
+    engine.train()
+    while job.state["step"] < args.max_steps:
+        for _ in range(job.run.grad_accum):
+            batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+            out = engine(**batch)
+            engine.backward(out.loss)
+            engine.step()
+            window.add(out, int(batch["attention_mask"].sum()))
+        job.state["step"] += 1
+        job.state["tokens"] += window.tokens
+        step = job.state["step"]
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.max_steps:
+            record = window.record(step, engine.get_lr()[0], world)
+            _check_finite(record)
+            job.metrics.write(record)
+            records.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            window.reset()
+        if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
+            result = {"step": step, **evaluate(job)}
+            job.metrics.write(result, prefix="eval")
+            log.info("step %d: %s", step, {k: round(v, 4) for k, v in result.items() if k != "step"})
+        if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
+            _save(job)
+    bar.close()
+    return records
+
+
+def _check_finite(record: dict[str, Any]) -> None:
+    loss = record.get("loss")
+    if isinstance(loss, float) and not torch.isfinite(torch.tensor(loss)):
+        raise FloatingPointError(f"non-finite loss {loss} at step {record['step']}: lower the learning rate, "
+                                 "check the data, or resume from the last checkpoint")
+
+
+def export_final(job: Job) -> Path | None:
+    """Export the newest complete checkpoint to ``output_dir/final`` (rank 0)."""
+    final = job.output_dir / "final"
+    if is_main_process():
+        newest = checkpointing.complete_checkpoints(job.output_dir / "checkpoints")[-1]
+        checkpointing.export_pretrained(newest, final, tokenizer_dir=job.data.tokenizer_dir)
+        log.info("exported %s to %s", newest.name, final)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """The whole job: setup, fit, export, close."""
+    args = build_parser().parse_args(argv)
+    try:
+        job = setup(args)
+        records = fit(job)
+        export_final(job)
+        job.metrics.close()
+        return records
+    finally:
+        close_distributed()
