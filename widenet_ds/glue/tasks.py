@@ -177,7 +177,7 @@ def get_task(name: str) -> TaskSpec:
 
     Raises GlueDataError listing the valid names for anything else.
     """
-    key = name.lower().replace("-", "") if isinstance(name, str) else name
+    key = str(name).lower().replace("-", "")
     if key not in TASKS:
         raise GlueDataError(f"unknown GLUE task {name!r} (valid: {', '.join(TASKS)})")
     return TASKS[key]

@@ -1,0 +1,54 @@
+"""The task registry: names, files, labels and metric choices of the nine GLUE tasks."""
+
+from __future__ import annotations
+
+import pytest
+
+from widenet_ds.glue import TASKS, GlueDataError, get_task
+
+SUBMISSION_FILES = {
+    "cola": ["CoLA.tsv"], "sst2": ["SST-2.tsv"], "mrpc": ["MRPC.tsv"], "stsb": ["STS-B.tsv"], "qqp": ["QQP.tsv"],
+    "mnli": ["MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"], "qnli": ["QNLI.tsv"], "rte": ["RTE.tsv"], "wnli": ["WNLI.tsv"],
+}
+
+
+def test_the_nine_tasks_and_their_submission_files():
+    assert list(TASKS) == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    assert {name: [s.submission_file for s in spec.splits if s.submission_file]
+            for name, spec in TASKS.items()} == SUBMISSION_FILES
+
+
+def test_labels_and_heads():
+    assert {name: spec.num_labels for name, spec in TASKS.items()} == {
+        "cola": 2, "sst2": 2, "mrpc": 2, "stsb": 1, "qqp": 2, "mnli": 3, "qnli": 2, "rte": 2, "wnli": 2}
+    assert [name for name, spec in TASKS.items() if spec.is_regression] == ["stsb"]
+    assert TASKS["mnli"].file_labels == ("entailment", "neutral", "contradiction")
+    assert TASKS["wnli"].label_names == ("not_entailment", "entailment")  # hub order: 1 is entailment
+    assert [name for name, spec in TASKS.items() if not spec.is_pair] == ["cola", "sst2"]
+
+
+def test_mnli_splits_and_metric_keys():
+    mnli = TASKS["mnli"]
+    assert mnli.dev_splits == ("validation_matched", "validation_mismatched")
+    assert mnli.test_splits == ("test_matched", "test_mismatched")
+    assert mnli.metric_keys == ("accuracy", "mnli_mm")
+    assert mnli.split("ax").hub_config == "ax" and mnli.split("ax").tsv_path == "diagnostic/diagnostic.tsv"
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_metric_choices_are_metrics_the_task_reports(name: str):
+    spec = TASKS[name]
+    assert spec.main_metric in spec.metric_keys
+    assert set(spec.headline_metrics) <= set(spec.metric_keys)
+    assert [s.kind for s in spec.splits][:1] == ["train"] and spec.dev_splits and spec.test_splits
+
+
+def test_names_are_case_and_hyphen_insensitive():
+    assert get_task("SST-2") is TASKS["sst2"] and get_task("STS-B") is TASKS["stsb"]
+    assert get_task("MNLI") is TASKS["mnli"]
+
+
+def test_unknown_task_lists_the_valid_names():
+    with pytest.raises(GlueDataError) as err:
+        get_task("squad")
+    assert str(err.value) == "unknown GLUE task 'squad' (valid: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)"
