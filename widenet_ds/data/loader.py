@@ -71,7 +71,9 @@ def make_pretraining_dataloader(
     """
     sampler = ResumableDistributedSampler(len(dataset), num_replicas=num_replicas, rank=rank, shuffle=shuffle,
                                           seed=seed, drop_last=drop_last)
+    # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
+    # so creating one after a resume would shift the router noise and dropout of the run.
     dataloader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
                             num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
     return PretrainingLoader(dataloader, sampler), sampler

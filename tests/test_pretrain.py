@@ -1,0 +1,140 @@
+"""The pretraining job end to end: 2 ranks with expert parallelism, exact resume, export,
+and the mistakes a user can make, refused before any compute."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.data.english import book_text, write_jsonl
+from widenet_ds import WideNetForPreTraining
+from widenet_ds.checkpointing import CheckpointError, complete_checkpoints, full_state_dict
+from widenet_ds.config import ConfigError
+from widenet_ds.data import CorpusError
+from widenet_ds.pretrain import run
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+COMMON = ["--preset", "debug", "--vocab_size", "300", "--max_seq_length", "64", "--log_every", "1",
+          "--eval_batches", "4"]
+
+
+def _corpus(directory: Path) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "book.txt").write_text(book_text() * 3, encoding="utf-8")
+    jsonl = write_jsonl(directory / "extra.jsonl")
+    with jsonl.open("a", encoding="utf-8") as f:
+        f.write("{this line is not json\n")  # a bad line must be skipped, not crash the run
+    return [str(directory / "*.txt"), str(directory / "*.jsonl")]
+
+
+def _launch(args: list[str], ranks: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        command = [sys.executable, str(ROOT / "launch" / "pretrain.py")]
+    else:
+        command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+                   str(ROOT / "launch" / "pretrain.py")]
+    result = subprocess.run(command + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fast_config(tmp_path: Path, name: str) -> Path:
+    """A ds_configs/ file with a learning rate high enough to see the tiny model learn in a few steps."""
+    raw = json.loads((ROOT / "ds_configs" / name).read_text())
+    raw["optimizer"]["params"]["lr"] = raw["scheduler"]["params"]["warmup_max_lr"] = 2e-2
+    raw["scheduler"]["params"]["warmup_num_steps"] = 2
+    path = tmp_path / name
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(tmp_path):
+    out = tmp_path / "run"
+    _launch(COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--output_dir", str(out),
+                      "--deepspeed_config", str(_fast_config(tmp_path, "pretrain_cpu_ep2.json")),
+                      "--max_steps", "16", "--save_every", "8", "--eval_every", "8"], ranks=2)
+    records = _records(out)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 17))
+    first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
+    assert last < first - 0.3, f"loss did not go down: {first:.3f} -> {last:.3f}"
+    record = train[-1]
+    assert {"mlm_loss", "sop_loss", "aux_loss", "lr", "tokens_per_s", "dropped_fraction"} <= set(record)
+    assert len(record["expert_load"]) == 3 and all(len(row) == 4 for row in record["expert_load"])
+    assert all(abs(sum(row) - 1) < 1e-4 for row in record["expert_load"])
+    evals = [r for r in records if "eval_mlm_accuracy" in r]
+    assert [r["step"] for r in evals] == [8, 16] and 0 <= evals[-1]["eval_sop_accuracy"] <= 1
+
+    checkpoints = complete_checkpoints(out / "checkpoints")
+    assert [c.name for c in checkpoints] == ["step_00000008", "step_00000016"]
+    expert_files = sorted(p.name for p in checkpoints[-1].glob("layer_0_expert_*"))
+    assert len(expert_files) == 4, "each rank saved its two experts under their global ids"
+    for name in ("model_config.json", "ds_config.json", "run.json", "tokenizer/tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "ds_config.json").read_text())["moe"]["ep_size"] == 2
+
+    model = WideNetForPreTraining.from_pretrained(out / "final").eval()
+    assert model.config.moe["ep_size"] == 1 and model.config.vocab_size == 300
+    saved = full_state_dict(checkpoints[-1])
+    for name, param in model.state_dict().items():
+        if name in saved:
+            torch.testing.assert_close(param, saved[name].float(), msg=name)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    batch = tokenizer(["The harbour master counted the boats.", "Rain fell on the quiet town."],
+                      ["They came home at dusk.", "The river rose by morning."], return_tensors="pt",
+                      padding=True)
+    output = model(**batch)
+    assert output.prediction_logits.shape[-1] == 300 and torch.isfinite(output.prediction_logits).all()
+
+
+def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):
+    out = tmp_path / "run"
+    args = COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--output_dir", str(out),
+                     "--max_steps", "8", "--save_every", "4", "--eval_every", "0", "--keep_last", "5"]
+    _launch(args)
+    uninterrupted = {r["step"]: r["loss"] for r in _records(out)}
+    # As if the run had died after step 6: the step-8 checkpoint never completed.
+    (out / "checkpoints" / "step_00000008" / "complete.json").unlink()
+    (out / "metrics.jsonl").unlink()
+    _launch(args + ["--resume", "auto"])
+    resumed = {r["step"]: r["loss"] for r in _records(out)}
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(uninterrupted[step], abs=1e-6), step
+
+    with pytest.raises(CheckpointError, match="(?s)another architecture.*num_experts: checkpoint 4 vs this run 2"):
+        run(args + ["--resume", "auto", "--override", "num_experts=2"])
+
+
+def test_user_mistakes_are_refused_before_any_compute(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    with pytest.raises(CorpusError, match="nothing"):
+        run(["--train_files", str(tmp_path / "nothing" / "*.txt"), "--output_dir", str(tmp_path / "a")])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(CorpusError, match="empty"):
+        run(["--train_files", str(tmp_path / "empty.txt"), "--output_dir", str(tmp_path / "b")])
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_acumulation_steps": 1,
+                                    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
+    with pytest.raises(ConfigError, match="did you mean 'gradient_accumulation_steps'"):
+        run(COMMON + ["--train_files", *corpus, "--deepspeed_config", str(bad_json),
+                      "--output_dir", str(tmp_path / "c")])
+    with pytest.raises(ConfigError, match="unknown field 'num_expert'"):
+        run(COMMON + ["--train_files", *corpus, "--override", "num_expert=8", "--output_dir", str(tmp_path / "d")])
+    assert not (tmp_path / "d" / "tokenizer").exists(), "refused before the tokenizer was trained"
+    with pytest.raises(ConfigError, match="vocab_size=999 does not match the tokenizer's 300"):
+        run(COMMON + ["--train_files", *corpus, "--override", "vocab_size=999", "--output_dir", str(tmp_path / "e")])
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        run(COMMON + ["--train_files", *corpus, "--resume", str(tmp_path / "missing"),
+                      "--output_dir", str(tmp_path / "f")])
