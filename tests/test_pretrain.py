@@ -57,11 +57,19 @@ def _fast_config(tmp_path: Path, name: str) -> Path:
     return path
 
 
-def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(tmp_path):
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory) -> Path:
+    """A 2-rank, ep_size=2, ZeRO-2 pretraining run of 16 steps (shared by the tests below)."""
+    tmp_path = tmp_path_factory.mktemp("ep2")
     out = tmp_path / "run"
     _launch(COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--output_dir", str(out),
                       "--deepspeed_config", str(_fast_config(tmp_path, "pretrain_cpu_ep2.json")),
                       "--max_steps", "16", "--save_every", "8", "--eval_every", "8"], ranks=2)
+    return out
+
+
+def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(ep2_run):
+    out = ep2_run
     records = _records(out)
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 17))
@@ -96,6 +104,35 @@ def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(tmp_path)
                       padding=True)
     output = model(**batch)
     assert output.prediction_logits.shape[-1] == 300 and torch.isfinite(output.prediction_logits).all()
+
+
+def _checkpoint_logits(checkpoint: Path, ds_json: str, out: Path, ranks: int, save_dir: Path | None = None):
+    script = ROOT / "tests" / "tools" / "eval_checkpoint.py"
+    args = [str(checkpoint), str(ROOT / "ds_configs" / ds_json), str(out)] + ([str(save_dir)] if save_dir else [])
+    if ranks == 1:
+        command = [sys.executable, str(script)]
+    else:
+        command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(29600 + os.getpid() % 1000),
+                   str(script)]
+    result = subprocess.run(command + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_checkpoint_saved_with_ep2_loads_with_ep1_and_back(ep2_run, tmp_path):
+    from tests.tools.eval_checkpoint import fixed_batch
+
+    checkpoint = complete_checkpoints(ep2_run / "checkpoints")[-1]
+    exported = WideNetForPreTraining.from_pretrained(ep2_run / "final").eval()
+    with torch.no_grad():
+        expected = exported(**fixed_batch(exported.config.vocab_size)).prediction_logits
+    ep1 = _checkpoint_logits(checkpoint, "pretrain_cpu_smoke.json", tmp_path / "ep1.pt", ranks=1,
+                             save_dir=tmp_path / "ep1_checkpoints")
+    torch.testing.assert_close(ep1, expected, atol=1e-5, rtol=1e-5)
+    resaved = complete_checkpoints(tmp_path / "ep1_checkpoints")[-1]
+    assert resaved.name == checkpoint.name and json.loads((resaved / "config.json").read_text())["moe"]["ep_size"] == 1
+    back = _checkpoint_logits(resaved, "pretrain_cpu_ep2.json", tmp_path / "ep2.pt", ranks=2)
+    torch.testing.assert_close(back, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):

@@ -13,6 +13,7 @@ never resumed from.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -24,12 +25,15 @@ import torch
 import torch.distributed as dist
 
 from .config import WideNetConfig
+from .expert_sharding import to_local_experts
 from .modeling import WideNetForPreTraining
+
+log = logging.getLogger(__name__)
 
 MARKER = "complete.json"
 _TAG = re.compile(r"step_(\d{8})")
 # Fields a checkpoint may differ in from the run that loads it (run-time, not architecture).
-_NOT_ARCHITECTURE = {"moe", "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"}
+RUNTIME_FIELDS = {"moe", "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"}
 
 
 class CheckpointError(RuntimeError):
@@ -154,23 +158,63 @@ def check_architecture(path: Path, config: WideNetConfig) -> None:
     if not saved_path.is_file():
         raise CheckpointError(f"{path}: no config.json, not a widenet-ds checkpoint")
     saved = WideNetConfig.from_json_file(saved_path)
-    fields = sorted(set(WideNetConfig.__annotations__) - _NOT_ARCHITECTURE)
+    fields = sorted(set(WideNetConfig.__annotations__) - RUNTIME_FIELDS)
     diffs = [f"{k}: checkpoint {getattr(saved, k)!r} vs this run {getattr(config, k)!r}"
              for k in fields if getattr(saved, k) != getattr(config, k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} is of another architecture:\n  " + "\n  ".join(diffs))
 
 
-def load_checkpoint(engine, path: Path, config: WideNetConfig, load_optimizer: bool = True) -> dict[str, Any]:
-    """Load a complete checkpoint into the engine and restore this rank's RNG; returns the trainer state."""
+def _saved_layout(path: Path) -> tuple[int, int]:
+    """(ep_size, world_size) the checkpoint was saved with."""
+    saved = json.loads((path / "run_config.json").read_text()) if (path / "run_config.json").is_file() else {}
+    world = len(list(path.glob("rng_rank*.pt"))) or 1
+    return saved.get("moe", {}).get("ep_size", 1), world
+
+
+def load_checkpoint(engine, path: Path, config: WideNetConfig) -> dict[str, Any]:
+    """Load a complete checkpoint into the engine; returns the trainer state.
+
+    Saved with this run's ep_size and world size: everything resumes exactly (weights,
+    optimizer, scheduler, each rank's RNG). Saved with another ep_size or world size: the
+    weights are resharded (experts gathered from their files and re-split for this run's
+    expert-parallel ranks) and the learning-rate schedule continues, but the optimizer
+    state starts fresh, since DeepSpeed cannot reshard it; a warning says so.
+    """
     marker = read_marker(path)
     check_architecture(path, config)
-    engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=load_optimizer,
-                           load_lr_scheduler_states=load_optimizer, load_module_only=not load_optimizer)
-    rng_file = path / f"rng_rank{_rank()}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_ep, saved_world = _saved_layout(path)
+    if (saved_ep, saved_world) == (config.moe_settings.ep_size, world):
+        engine.load_checkpoint(str(path.parent), tag=path.name)
+        set_rng_state(torch.load(path / f"rng_rank{_rank()}.pt", weights_only=False))
+        return marker["trainer_state"]
+    log.warning("checkpoint %s was saved with ep_size %d on %d rank(s); this run has ep_size %d on %d: loading "
+                "the weights only (experts resharded); the optimizer state starts fresh", path, saved_ep,
+                saved_world, config.moe_settings.ep_size, world)
+    # DeepSpeed loads each global expert's file for this rank's experts and refreshes ZeRO's fp32 copies.
+    engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True, load_optimizer_states=False,
+                           load_lr_scheduler_states=False)
+    step = marker["trainer_state"]["step"]
+    if engine.lr_scheduler is not None and step > 0:
+        engine.lr_scheduler.step(step - 1)  # the schedule continues where it was
     return marker["trainer_state"]
+
+
+def load_resharded_weights(model: torch.nn.Module, path: Path, config: WideNetConfig) -> None:
+    """Load a checkpoint's weights into a bare model (no engine) built for any ep_size (this rank's experts)."""
+    from deepspeed.utils import groups
+
+    ep_size = config.moe_settings.ep_size
+    ep_rank = groups._get_expert_parallel_rank(f"ep_size_{ep_size}") if ep_size > 1 else 0
+    state = to_local_experts(full_state_dict(path), config.num_experts, ep_size, ep_rank)
+    tied = "predictions.decoder.weight"
+    if tied not in state and "widenet.embeddings.word_embeddings.weight" in state:
+        state[tied] = state["widenet.embeddings.word_embeddings.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit this model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
 
 
 def full_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -197,12 +241,7 @@ def export_pretrained(path: str | Path, out_dir: str | Path, tokenizer_dir: str 
     config = WideNetConfig.from_json_file(path / "config.json")
     config.moe = {**config.moe, "ep_size": 1}
     model = WideNetForPreTraining(config)
-    state = full_state_dict(path)
-    state.setdefault("predictions.decoder.weight", state["widenet.embeddings.word_embeddings.weight"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the saved config (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
+    load_resharded_weights(model, path, config)
     model.save_pretrained(out_dir)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
