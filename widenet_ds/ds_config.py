@@ -28,7 +28,8 @@ seq_parallel_communication_data_type dataloader_drop_last aio compression_traini
 curriculum_learning compile disable_allgather disable_python_gc log_level use_data_before_expert_parallelism
 managed_gradient_accumulation pipeline sparse_attention timers nebula hybrid_engine monitor_config
 """.split())
-PROJECT_KEYS = frozenset({"moe"})
+PROJECT_KEYS = frozenset({"moe", "nonfinite_loss"})
+NONFINITE_ACTIONS = ("stop", "skip")
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 OPTIMIZERS = ("AdamW", "Lamb")
 
@@ -41,6 +42,7 @@ class RunConfig:
     deepspeed: dict[str, Any]  # the engine config (resolved batch keys, no optimizer, no moe block)
     optimizer: dict[str, Any]  # {"type": "AdamW" | "Lamb", "params": {...}}: built by the project
     moe: MoESettings  # the MoE's run-time settings
+    nonfinite_loss: dict[str, Any]  # {"action": "stop" | "skip", "max_consecutive": N}: a NaN/inf loss
     micro_batch_size: int  # sequences per rank per forward
     grad_accum: int  # forwards per optimizer step
     world_size: int  # ranks the batch keys were resolved for
@@ -62,7 +64,8 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON in effect (engine + optimizer + moe), as written into output dirs and checkpoints."""
-        return {**self.deepspeed, "optimizer": self.optimizer, "moe": self.moe.to_dict()}
+        return {**self.deepspeed, "optimizer": self.optimizer, "moe": self.moe.to_dict(),
+                "nonfinite_loss": self.nonfinite_loss}
 
 
 def load_run_config(path: str | Path, world_size: int = 1, cuda: bool = False,
@@ -100,9 +103,23 @@ def check_run_config(raw: dict[str, Any], source: str, world_size: int = 1, cuda
     _check_precision_and_zero(engine, cuda, problems)
     _check_parallel(moe, world_size, problems)
     _resolve_scheduler(engine, max_steps, problems)
+    nonfinite = _check_nonfinite(raw.get("nonfinite_loss", {}), problems)
     if problems:
         raise ConfigError(f"DeepSpeed config {source}", problems)
-    return RunConfig(source, engine, optimizer, moe, micro, accum, world_size)
+    return RunConfig(source, engine, optimizer, moe, nonfinite, micro, accum, world_size)
+
+
+def _check_nonfinite(block: Any, problems: list[str]) -> dict[str, Any]:
+    """What a NaN/inf loss does: stop the run (default) or skip the batch, at most N in a row."""
+    settings = {"action": "stop", "max_consecutive": 5, **(block if isinstance(block, dict) else {})}
+    unknown = sorted(set(settings) - {"action", "max_consecutive"})
+    if not isinstance(block, dict) or unknown:
+        problems.append(f"nonfinite_loss must be {{\"action\": \"stop\" | \"skip\", \"max_consecutive\": N}}, "
+                        f"got {block!r}")
+    elif settings["action"] not in NONFINITE_ACTIONS or not _positive_int(settings["max_consecutive"]):
+        problems.append(f"nonfinite_loss: action must be one of {NONFINITE_ACTIONS} and max_consecutive a "
+                        f"positive integer, got {block!r}")
+    return settings
 
 
 def _positive_int(value: Any) -> bool:
