@@ -81,14 +81,19 @@ def save_checkpoint(engine, checkpoint_dir: str | Path, step: int, trainer_state
         (path / "run_config.json").write_text(json.dumps(run_config, indent=2))
     _barrier()
     if _rank() == 0:
-        files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-        marker = {"step": step, "trainer_state": trainer_state, "files": files}
-        tmp = path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(marker, indent=2))
-        tmp.replace(path / MARKER)  # atomic: the marker exists whole or not at all
+        write_marker(path, step, trainer_state)
         prune_checkpoints(checkpoint_dir, keep_last)
     _barrier()
     return path
+
+
+def write_marker(path: Path, step: int, trainer_state: dict[str, Any]) -> None:
+    """Declare ``path`` complete: its files and their sizes, written atomically, last."""
+    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != MARKER}
+    marker = {"step": step, "trainer_state": trainer_state, "files": files}
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(marker, indent=2))
+    tmp.replace(path / MARKER)  # atomic: the marker exists whole or not at all
 
 
 def read_marker(path: Path) -> dict[str, Any]:
