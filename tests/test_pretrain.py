@@ -175,3 +175,52 @@ def test_user_mistakes_are_refused_before_any_compute(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         run(COMMON + ["--train_files", *corpus, "--resume", str(tmp_path / "missing"),
                       "--output_dir", str(tmp_path / "f")])
+
+
+def _wait_for_step(metrics: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Block until the run has logged ``step`` (or fail if it ended or took too long)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        if metrics.is_file() and any(json.loads(line).get("step", 0) >= step and "loss" in json.loads(line)
+                                     for line in metrics.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached in {timeout} s")
+
+
+def test_kill_9_of_one_rank_then_resume_auto_loses_nothing_after_the_checkpoint(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    config = str(ROOT / "ds_configs" / "pretrain_cpu_ep2.json")
+    args = COMMON + ["--train_files", *corpus, "--deepspeed_config", config, "--max_steps", "30",
+                     "--save_every", "5", "--eval_every", "0", "--keep_last", "10"]
+    _launch(args + ["--output_dir", str(tmp_path / "reference")], ranks=2)
+    reference = {r["step"]: r["loss"] for r in _records(tmp_path / "reference")}
+
+    out = tmp_path / "crashed"
+    port = str(29700 + os.getpid() % 1000)
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", port, str(ROOT / "launch" / "pretrain.py")]
+    process = subprocess.Popen(command + args + ["--output_dir", str(out)], cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_step(out / "metrics.jsonl", 12, process)
+        rank1 = subprocess.run(["pgrep", "-f", f"pretrain.py --local_rank=1 .*{out}"], capture_output=True,
+                               text=True).stdout.split()
+        assert len(rank1) == 1, rank1
+        os.kill(int(rank1[0]), 9)
+        assert process.wait(timeout=120) != 0, "the launcher reports the crash"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    assert not (out / "final").exists(), "killed mid-run"
+    last = complete_checkpoints(out / "checkpoints")[-1]
+    resumed_from = int(last.name.split("_")[1])
+    assert resumed_from >= 10
+    (out / "metrics.jsonl").unlink()
+    _launch(args + ["--output_dir", str(out), "--resume", "auto"], ranks=2)
+    resumed = {r["step"]: r["loss"] for r in _records(out)}
+    assert sorted(resumed) == list(range(resumed_from + 1, 31)), "continues right after the checkpoint"
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], abs=1e-6), step
