@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.data.english import book_text, write_jsonl
+from data.english import book_text, write_jsonl
 from widenet_ds import WideNetForPreTraining
 from widenet_ds.checkpointing import CheckpointError, complete_checkpoints, full_state_dict
 from widenet_ds.config import ConfigError
@@ -120,7 +120,7 @@ def _checkpoint_logits(checkpoint: Path, ds_json: str, out: Path, ranks: int, sa
 
 
 def test_checkpoint_saved_with_ep2_loads_with_ep1_and_back(ep2_run, tmp_path):
-    from tests.tools.eval_checkpoint import fixed_batch
+    from tools.eval_checkpoint import fixed_batch
 
     checkpoint = complete_checkpoints(ep2_run / "checkpoints")[-1]
     exported = WideNetForPreTraining.from_pretrained(ep2_run / "final").eval()

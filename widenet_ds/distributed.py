@@ -35,7 +35,16 @@ def init_distributed() -> None:
 
 
 def close_distributed() -> None:
-    """Barrier, then destroy the process group: without it, multi-process runs sometimes die at exit."""
+    """Barrier, then destroy the process group: without it, multi-process runs sometimes die at exit.
+
+    Through DeepSpeed, which then forgets the groups it cached (data, expert parallel): a later
+    ``init_distributed`` + ``deepspeed.initialize`` in the same process starts clean.
+    """
     if torch.distributed.is_initialized():
+        from deepspeed import comm
+
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        if comm.is_initialized():
+            comm.destroy_process_group()
+        else:  # created without DeepSpeed
+            torch.distributed.destroy_process_group()

@@ -43,3 +43,14 @@ def to_global_experts(state_dict: dict[str, Tensor], num_experts: int, ep_size: 
         match = _EXPERT_KEY.fullmatch(key)
         out[key if match is None else f"{match[1]}{int(match[2]) + first}{match[3]}"] = value
     return out
+
+
+def expert_parallel_rank(rank: int, world_size: int, ep_size: int, data_before_expert: bool = False) -> int:
+    """This rank's index in its expert-parallel group, as ``deepspeed.initialize`` will lay the groups
+    out (``data_before_expert``: the JSON's ``use_data_before_expert_parallelism``). Known before
+    the engine exists, so full weights can be sliced before DeepSpeed copies them into the optimizer."""
+    from deepspeed.utils.groups import _get_expert_parallel_ranks
+
+    groups, _ = _get_expert_parallel_ranks(world_size, 1, ep_size,
+                                           use_data_before_expert_parallel_=data_before_expert)
+    return next(group.index(rank) for group in groups if rank in group)

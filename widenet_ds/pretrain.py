@@ -9,9 +9,6 @@ only parses the command line and calls ``run``.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +20,12 @@ from . import checkpointing
 from .config import PRESETS, ConfigError, WideNetConfig
 from .distributed import close_distributed, init_distributed
 from .ds_config import RunConfig, load_run_config
+from .guards import NonFiniteGuard
 from .metrics_log import MetricsWriter, get_logger, is_main_process
 from .modeling import WideNetForPreTraining
+from .training import (REPO_ROOT, MetricWindow, add_launcher_arguments, parse_overrides,
+                       train_step, write_run_record)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
 log = get_logger("widenet_ds.pretrain")
 
@@ -63,28 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval_batches", type=int, default=20)
     run.add_argument("--save_every", type=int, default=100)
     run.add_argument("--keep_last", type=int, default=3, help="complete checkpoints to keep")
-    run.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    import deepspeed
-
-    deepspeed.add_config_arguments(p)
+    add_launcher_arguments(p, run)
     return p
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["num_experts=8", "pre_layer_norm=false"]`` -> typed values (JSON syntax, else a string)."""
-    out, problems = {}, []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            problems.append(f"--override {item!r}: expected FIELD=VALUE")
-            continue
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    if problems:
-        raise ConfigError("command line", problems)
-    return out
 
 
 @dataclass
@@ -99,28 +78,6 @@ class Job:
     engine: Any = None
     metrics: MetricsWriter | None = None
     state: dict[str, Any] = field(default_factory=dict)  # step, tokens, sampler position
-
-
-def _git_hash() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _write_run_record(job: Job) -> None:
-    """The resolved model config, DeepSpeed config and git hash, in output_dir."""
-    if not is_main_process():
-        return
-    job.config.to_json_file(job.output_dir / "model_config.json", use_diff=False)
-    (job.output_dir / "ds_config.json").write_text(json.dumps(job.run.to_dict(), indent=2))
-    record = {"git": _git_hash(), "args": {k: v for k, v in vars(job.args).items() if k != "deepspeed"},
-              "world_size": job.run.world_size, "precision": job.run.precision, "zero_stage": job.run.zero_stage,
-              "optimizer": job.run.optimizer["type"],
-              "lamb_trust_ratio": ("per partition (ZeRO)" if job.run.zero_stage else "per layer")
-              if job.run.optimizer["type"] == "Lamb" else None}
-    (job.output_dir / "run.json").write_text(json.dumps(record, indent=2))
 
 
 def setup(args: argparse.Namespace) -> Job:
@@ -160,51 +117,8 @@ def setup(args: argparse.Namespace) -> Job:
         log.info("resumed from %s at step %d", resume_from, job.state["step"])
     job.data.sampler.load_state_dict(job.state["sampler"]) if job.state["sampler"] else None
     job.metrics = MetricsWriter(output_dir)
-    _write_run_record(job)
+    write_run_record(output_dir, config, run, args)
     return job
-
-
-def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    values = values.detach().float().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
-
-
-class _Window:
-    """Losses and routing statistics summed since the last log line (kept on the device: no sync per step)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.tokens = 0
-        self.start = time.perf_counter()
-
-    def add(self, out, tokens: int) -> None:
-        parts = {"loss": out.loss, "mlm_loss": out.mlm_loss, "sop_loss": out.sop_loss, "aux_loss": out.aux_loss,
-                 "expert_counts": out.expert_counts, "dropped_fraction": out.dropped_fraction}
-        for key, value in parts.items():
-            if value is not None:
-                value = value.detach().float()
-                self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.count += 1
-        self.tokens += tokens
-
-    def record(self, step: int, lr: float, world: int) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.start
-        record: dict[str, Any] = {"step": step}
-        for key, value in self.sums.items():
-            mean = _mean_over_ranks(value / self.count)
-            if key == "expert_counts":
-                record["expert_load"] = (mean / mean.sum(-1, keepdim=True)).tolist()  # (T, E) shares
-            else:
-                record[key] = mean.tolist()
-        record.update(lr=lr, tokens_per_s=self.tokens * world / max(elapsed, 1e-9))
-        return record
 
 
 def evaluate(job: Job) -> dict[str, float]:
@@ -245,23 +159,18 @@ def fit(job: Job) -> list[dict[str, Any]]:
     args, engine = job.args, job.engine
     world = dist.get_world_size() if dist.is_initialized() else 1
     batches = job.data.train_batches()
-    records, window = [], _Window()
+    records, window = [], MetricWindow()
+    guard = NonFiniteGuard(**job.run.nonfinite_loss)
     bar = tqdm(total=args.max_steps, initial=job.state["step"], disable=not is_main_process(), desc="pretrain")
     engine.train()
     while job.state["step"] < args.max_steps:
-        for _ in range(job.run.grad_accum):
-            batch = {k: v.to(engine.device) for k, v in next(batches).items()}
-            out = engine(**batch)
-            engine.backward(out.loss)
-            engine.step()
-            window.add(out, int(batch["attention_mask"].sum()))
+        train_step(engine, batches, job.run.grad_accum, window, guard, job.state["step"] + 1)
         job.state["step"] += 1
         job.state["tokens"] += window.tokens
         step = job.state["step"]
         bar.update(1)
         if step % args.log_every == 0 or step == args.max_steps:
             record = window.record(step, engine.get_lr()[0], world)
-            _check_finite(record)
             job.metrics.write(record)
             records.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
@@ -275,13 +184,6 @@ def fit(job: Job) -> list[dict[str, Any]]:
             _save(job)
     bar.close()
     return records
-
-
-def _check_finite(record: dict[str, Any]) -> None:
-    loss = record.get("loss")
-    if isinstance(loss, float) and not torch.isfinite(torch.tensor(loss)):
-        raise FloatingPointError(f"non-finite loss {loss} at step {record['step']}: lower the learning rate, "
-                                 "check the data, or resume from the last checkpoint")
 
 
 def export_final(job: Job) -> Path | None:

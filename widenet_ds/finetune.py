@@ -1,0 +1,384 @@
+"""GLUE fine-tuning on DeepSpeed, every task, from any starting point (see ``model_sources``).
+
+``setup`` checks everything a user can get wrong (task, data files and rows, tokenizer vs
+embeddings, overrides vs checkpoint, the DeepSpeed JSON) before any compute; ``fit`` trains
+with the MoE on (the fine-tuning JSON's ``moe`` block), evaluates the dev split(s) every
+``--eval_every`` steps and keeps the best model by the task's main metric; ``predict_test``
+writes the GLUE submission files from the best model. ``launch/finetune_glue.py`` only calls ``run``.
+
+Outputs in ``--output_dir``: ``eval_results.json`` (the best evaluation's metrics under their
+GLUE names, e.g. ``accuracy`` and ``mnli_mm``), ``dev_predictions.json`` (its logits),
+``best/`` (a Hugging Face folder with the tokenizer), ``submission/`` (``<TASK>.tsv``),
+``metrics.jsonl`` / ``tensorboard/``, and the resolved configs with the git hash.
+
+Expert parallelism (``moe.ep_size`` > 1): each rank loads its slice of the full weights before
+``deepspeed.initialize``; the best model is exported by gathering every rank's experts to
+rank 0 (``torch.distributed.gather_object``), which writes an ep_size-1 folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import model_sources
+from .config import ConfigError, WideNetConfig
+from .distributed import close_distributed, init_distributed
+from .ds_config import RunConfig, load_run_config
+from .expert_sharding import expert_parallel_rank, to_global_experts, to_local_experts
+from .glue import TaskSpec, collate, compute_metrics, encode, get_task, load_split, write_split_submission
+from .guards import NonFiniteGuard
+from .metrics_log import MetricsWriter, get_logger, is_main_process
+from .modeling import WideNetForSequenceClassification
+from .training import (REPO_ROOT, MetricWindow, add_launcher_arguments, parse_overrides,
+                       train_step, write_run_record)
+
+log = get_logger("widenet_ds.finetune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fine-tune WideNet / ALBERT / BERT on a GLUE task with DeepSpeed.")
+    data = p.add_argument_group("data (default: the hub's nyu-mll/glue)")
+    data.add_argument("--task", required=True, help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli")
+    data.add_argument("--data_dir", help="a folder in the GLUE download layout (MNLI/dev_matched.tsv ...)")
+    data.add_argument("--train_file", help="CSV / JSON / JSONL / TSV of the train split")
+    data.add_argument("--validation_file", help="... of the (first) dev split, e.g. MNLI's validation_matched")
+    data.add_argument("--test_file", help="... of the (first) test split")
+    data.add_argument("--split_file", action="append", default=[], metavar="SPLIT=PATH",
+                      help="a file for any other split, e.g. validation_mismatched=dev_mm.jsonl (repeatable)")
+    data.add_argument("--skip_malformed", action="store_true", help="skip (and count) malformed rows")
+    data.add_argument("--max_seq_length", type=int, default=512)
+    model = p.add_argument_group("model")
+    model.add_argument("--model_name_or_path", required=True,
+                       help="preset:NAME, a pretraining export, a DeepSpeed checkpoint, or an ALBERT folder")
+    model.add_argument("--tokenizer", help="a tokenizer folder (default: the one saved with the model)")
+    model.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                       help="a model-config field, e.g. hidden_dropout_prob=0.1 or (upcycling) num_experts=8")
+    model.add_argument("--model_label", help="the model's name in result tables (default: --model_name_or_path)")
+    run = p.add_argument_group("run")
+    run.add_argument("--output_dir", help="default: runs/glue/<task>")
+    run.add_argument("--max_steps", type=int, help="optimizer steps (default: the JSON's total_num_steps)")
+    run.add_argument("--epochs", type=float, help="train this many epochs instead of --max_steps")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--eval_every", type=int, default=1000, help="steps between dev evaluations (and at the end)")
+    run.add_argument("--eval_batch_size", type=int, help="default: the JSON's micro-batch size")
+    run.add_argument("--log_every", type=int, default=10)
+    add_launcher_arguments(p, run)
+    return p
+
+
+@dataclass
+class Job:
+    """Everything ``fit`` needs, built by ``setup``."""
+
+    args: argparse.Namespace
+    task: TaskSpec
+    run: RunConfig
+    config: WideNetConfig  # the architecture in effect, this run's MoE settings recorded
+    output_dir: Path
+    tokenizer: Any
+    max_steps: int
+    features: dict[str, list[dict[str, Any]]]  # encoded examples per split
+    indices: dict[str, list[int]]  # the examples' idx per split (submission rows)
+    engine: Any = None
+    metrics: MetricsWriter | None = None
+    best: dict[str, Any] = field(default_factory=dict)  # step, score, metrics, state (this rank's weights, CPU)
+
+
+# --- setup ---------------------------------------------------------------------------------
+
+
+def load_data(task: TaskSpec, args: argparse.Namespace) -> dict[str, list]:
+    """Examples of every split the run uses: train, the dev splits, the test splits (those given)."""
+    bad = [item for item in args.split_file if "=" not in item]
+    if bad:
+        raise ConfigError("command line", [f"--split_file {item!r}: expected SPLIT=PATH" for item in bad])
+    files = dict(item.split("=", 1) for item in args.split_file)
+    named = {"train": args.train_file, task.dev_splits[0]: args.validation_file, task.test_splits[0]: args.test_file}
+    files.update({split: path for split, path in named.items() if path})
+    if files and args.data_dir:
+        raise ConfigError("command line", ["give --data_dir or data files (--train_file ...), not both"])
+    if files:
+        return {split: load_split(task.name, split, data_file=path, skip_malformed=args.skip_malformed)
+                for split, path in files.items()}
+    names = ["train", *task.dev_splits, *task.test_splits]
+    if args.data_dir and task.name == "mnli" and (Path(args.data_dir) / task.split("ax").tsv_path).is_file():
+        names.append("ax")  # the diagnostic set, predicted by the MNLI model
+    return {split: load_split(task.name, split, data_dir=args.data_dir, skip_malformed=args.skip_malformed)
+            for split in names}
+
+
+def load_tokenizer(args: argparse.Namespace):
+    from transformers import AutoTokenizer
+
+    path = args.tokenizer or model_sources.tokenizer_dir_for(args.model_name_or_path)
+    if path is None:
+        raise ConfigError("command line", [f"no tokenizer saved with {args.model_name_or_path}: pass --tokenizer"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError("command line", [f"--tokenizer {path}: cannot load a tokenizer ({err})"]) from None
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("command line", [f"the tokenizer in {path} has no pad token"])
+    return tokenizer
+
+
+def resolve_run(path: str | Path, world: int, max_steps: int | None, epochs: float | None,
+                num_train: int) -> tuple[RunConfig, int]:
+    """The checked DeepSpeed JSON and the run's length in optimizer steps.
+
+    The length is ``--max_steps``, or ``--epochs`` over the train split, or the JSON's
+    ``total_num_steps`` (the paper's, in ``ds_configs/finetune_<task>.json``). A JSON that fixes
+    ``total_num_steps`` fixes the length: the learning-rate schedule (warmup, decay) is made for it.
+    """
+    cuda = torch.cuda.is_available()
+    run = load_run_config(path, world, cuda, max_steps=max_steps or 0)
+    if max_steps is None and epochs is not None:
+        max_steps = max(1, math.ceil(epochs * num_train / run.global_batch_size))
+    fixed = json.loads(Path(path).read_text()).get("scheduler", {}).get("params", {}).get("total_num_steps")
+    if isinstance(fixed, int) and max_steps not in (None, fixed):
+        raise ConfigError(f"DeepSpeed config {path}", [
+            f"its scheduler's total_num_steps is {fixed} (the schedule of the paper's run) but this run asks for "
+            f"{max_steps} steps: drop --max_steps/--epochs, or use a JSON with \"total_num_steps\": \"auto\""])
+    max_steps = fixed if isinstance(fixed, int) else max_steps
+    if max_steps is None:
+        raise ConfigError(f"DeepSpeed config {path}", ["no run length: give --max_steps or --epochs"])
+    return load_run_config(path, world, cuda, max_steps=max_steps), max_steps
+
+
+def build_model(start: model_sources.Start, config: WideNetConfig, run: RunConfig,
+                seed: int) -> WideNetForSequenceClassification:
+    """The classifier with this rank's slice of the starting weights (fresh parts seeded)."""
+    torch.manual_seed(seed)
+    model = WideNetForSequenceClassification(config)
+    ep_size = run.moe.ep_size
+    if ep_size > 1:
+        ep_rank = expert_parallel_rank(dist.get_rank(), dist.get_world_size(), ep_size,
+                                       run.deepspeed.get("use_data_before_expert_parallelism", False))
+        start = dataclasses.replace(start, weights=to_local_experts(start.weights, config.num_experts, ep_size,
+                                                                    ep_rank))
+    model_sources.load_weights(model, start)
+    return model
+
+
+def setup(args: argparse.Namespace) -> Job:
+    """Check the inputs, load and encode the data, build the model and the engine."""
+    from transformers import set_seed
+
+    from .engine import initialize_engine
+
+    task = get_task(args.task)
+    examples = load_data(task, args)
+    missing = [name for name in ("train", task.dev_splits[0]) if name not in examples]
+    if missing:
+        raise ConfigError("command line", [f"no {name} split: give its file" for name in missing])
+    tokenizer = load_tokenizer(args)
+    start = model_sources.load_start(args.model_name_or_path, task.num_labels, parse_overrides(args.override),
+                                     len(tokenizer))
+    if args.max_seq_length > start.config.max_position_embeddings:
+        raise ConfigError("command line", [f"--max_seq_length {args.max_seq_length} is longer than the model's "
+                                           f"max_position_embeddings {start.config.max_position_embeddings}"])
+    ds_config = args.deepspeed_config or REPO_ROOT / "ds_configs" / f"finetune_{task.name}.json"
+    run, max_steps = resolve_run(ds_config, int(os.environ.get("WORLD_SIZE", "1")), args.max_steps, args.epochs,
+                                 len(examples["train"]))
+    config = start.config.with_moe_settings(run.moe)
+    if not task.is_regression:
+        config.id2label = dict(enumerate(task.label_names))
+        config.label2id = {name: i for i, name in enumerate(task.label_names)}
+    output_dir = Path(args.output_dir or f"runs/glue/{task.name}")
+    features = {split: encode(rows, tokenizer, args.max_seq_length) for split, rows in examples.items()}
+    indices = {split: [row.idx for row in rows] for split, rows in examples.items()}
+
+    init_distributed()
+    set_seed(args.seed)
+    job = Job(args, task, run, config, output_dir, tokenizer, max_steps, features, indices)
+    job.engine, _, _ = initialize_engine(build_model(start, config, run, args.seed), run)
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    job.metrics = MetricsWriter(output_dir)
+    write_run_record(output_dir, config, run, args)
+    log.info("%s: %d train examples, %d steps of %d sequences, from %s (%s)", task.name, len(examples["train"]),
+             max_steps, run.global_batch_size, start.source, start.kind)
+    return job
+
+
+# --- training and evaluation -----------------------------------------------------------------
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def train_batches(job: Job):
+    """Endless micro-batches of this rank's share of the train split, reshuffled every epoch."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    rank, world = _rank_world()
+    sampler = DistributedSampler(job.features["train"], num_replicas=world, rank=rank, seed=job.args.seed)
+    loader = DataLoader(job.features["train"], batch_size=job.run.micro_batch_size, sampler=sampler,
+                        collate_fn=partial(collate, pad_token_id=job.tokenizer.pad_token_id))
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        yield from loader
+
+
+def predict(job: Job, split: str) -> np.ndarray:
+    """(N, num_labels) logits of a split, the same on every rank.
+
+    Each rank predicts an equal share (padded by wrapping around), so with expert parallelism
+    every rank runs the same number of forwards; the shares are gathered and put in order.
+    """
+    features, engine = job.features[split], job.engine
+    rank, world = _rank_world()
+    positions = [i % len(features) for i in range(rank, math.ceil(len(features) / world) * world, world)]
+    size = job.args.eval_batch_size or job.run.micro_batch_size
+    logits = []
+    engine.eval()
+    with torch.no_grad():
+        for chunk in (positions[i:i + size] for i in range(0, len(positions), size)):
+            batch = collate([features[i] for i in chunk], job.tokenizer.pad_token_id)
+            batch.pop("labels", None)
+            logits.append(engine(**{k: v.to(engine.device) for k, v in batch.items()}).logits.float().cpu())
+    engine.train()
+    shares = [(positions, torch.cat(logits).numpy())]
+    if world > 1:
+        mine, shares = shares[0], [None] * world
+        dist.all_gather_object(shares, mine)
+    out = np.zeros((len(features), job.task.num_labels))
+    for where, values in shares:
+        out[where] = values
+    return out
+
+
+def evaluate(job: Job) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The task's metrics over its dev splits (those present), and their logits."""
+    logits = {split: predict(job, split) for split in job.task.dev_splits if split in job.features}
+    metrics = {}
+    for split, values in logits.items():
+        labels = [f["labels"] for f in job.features[split]]
+        metrics.update(compute_metrics(job.task.name, values, labels, split=split))
+    return metrics, logits
+
+
+def fit(job: Job) -> dict[str, Any]:
+    """Train for ``max_steps``, evaluating every ``--eval_every`` steps and at the end; returns the best."""
+    from tqdm.auto import tqdm
+
+    args, engine = job.args, job.engine
+    world = _rank_world()[1]
+    batches, window = train_batches(job), MetricWindow()
+    guard = NonFiniteGuard(**job.run.nonfinite_loss)
+    bar = tqdm(total=job.max_steps, disable=not is_main_process(), desc=f"finetune {job.task.name}")
+    engine.train()
+    for step in range(1, job.max_steps + 1):
+        train_step(engine, batches, job.run.grad_accum, window, guard, step)
+        bar.update(1)
+        if step % args.log_every == 0 or step == job.max_steps:
+            record = window.record(step, engine.get_lr()[0], world)
+            job.metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+            window.reset()
+        if (args.eval_every and step % args.eval_every == 0) or step == job.max_steps:
+            metrics, logits = evaluate(job)
+            job.metrics.write({"step": step, **metrics}, prefix="eval")
+            log.info("step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+            keep_if_best(job, step, metrics, logits)
+    bar.close()
+    return job.best
+
+
+def keep_if_best(job: Job, step: int, metrics: dict[str, float], logits: dict[str, np.ndarray]) -> None:
+    """On a new best main metric (NaN counts as worst): keep the weights, export ``best/`` and results."""
+    score = metrics[job.task.main_metric]
+    score = score if math.isfinite(score) else -math.inf
+    if job.best and score <= job.best["score"]:
+        return
+    state = {k: v.detach().cpu().clone() for k, v in job.engine.module.state_dict().items()}
+    job.best = {"step": step, "score": score, "metrics": metrics, "state": state}
+    full = gather_full_weights(job, state)
+    if is_main_process():
+        export_best(job, full, logits)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_full_weights(job: Job, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Every expert (global indices) plus the shared weights, on rank 0 (None elsewhere)."""
+    ep_size = job.run.moe.ep_size
+    if ep_size == 1:
+        return state
+    rank, world = _rank_world()
+    ep_rank = expert_parallel_rank(rank, world, ep_size,
+                                   job.run.deepspeed.get("use_data_before_expert_parallelism", False))
+    experts = to_global_experts({k: v for k, v in state.items() if "deepspeed_experts" in k},
+                                job.config.num_experts, ep_size, ep_rank)
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(experts, parts, dst=0)
+    if rank != 0:
+        return None
+    full = {k: v for k, v in state.items() if "deepspeed_experts" not in k}
+    for part in parts:  # expert-data-parallel replicas hold equal copies
+        full.update(part)
+    return full
+
+
+def export_best(job: Job, weights: dict[str, torch.Tensor], logits: dict[str, np.ndarray]) -> None:
+    """``best/`` (an ep_size-1 Hugging Face folder, fp32, with the tokenizer), ``eval_results.json``
+    and ``dev_predictions.json`` (rank 0)."""
+    config = copy.deepcopy(job.config)
+    config.moe = {**config.moe, "ep_size": 1}
+    model = WideNetForSequenceClassification(config)
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    model.save_pretrained(job.output_dir / "best")
+    job.tokenizer.save_pretrained(job.output_dir / "best")
+    results = {"task": job.task.name, "model": job.args.model_label or job.args.model_name_or_path,
+               "seed": job.args.seed, "best_step": job.best["step"], **job.best["metrics"]}
+    (job.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+    predictions = {split: {"idx": job.indices[split], "logits": values.tolist(),
+                           "labels": [f["labels"] for f in job.features[split]]} for split, values in logits.items()}
+    (job.output_dir / "dev_predictions.json").write_text(json.dumps(predictions))
+
+
+def predict_test(job: Job) -> list[Path]:
+    """GLUE submission files of the test (and MNLI's diagnostic) splits, from the best weights."""
+    splits = [s.name for s in job.task.splits if s.submission_file and s.name in job.features]
+    job.engine.module.load_state_dict(job.best["state"])
+    files = []
+    for split in splits:
+        logits = predict(job, split)
+        if is_main_process():
+            files.append(write_split_submission(job.output_dir / "submission", job.task.name, split, logits,
+                                                job.indices[split]))
+    return files
+
+
+def finetune(args: argparse.Namespace) -> dict[str, Any]:
+    """Setup, fit, test predictions; returns the best evaluation. Leaves the process group open, so
+    that several runs can share it (``run`` closes it; re-creating a multi-rank group is racy)."""
+    job = setup(args)
+    best = fit(job)
+    predict_test(job)
+    job.metrics.close()
+    return {k: v for k, v in best.items() if k != "state"}
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """The whole job from the command line: parse, fine-tune, close."""
+    args = build_parser().parse_args(argv)
+    try:
+        return finetune(args)
+    finally:
+        close_distributed()

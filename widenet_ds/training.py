@@ -1,0 +1,128 @@
+"""Pieces every training job (pretraining, GLUE fine-tuning) shares: model-config overrides from
+the command line, the run record written into the output folder, and the metrics of a log window."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, WideNetConfig
+from .guards import NonFiniteGuard
+from .ds_config import RunConfig
+from .metrics_log import is_main_process
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Output fields averaged over a log window, when the model's output has them.
+_WINDOW_FIELDS = ("loss", "mlm_loss", "sop_loss", "task_loss", "aux_loss", "expert_counts", "dropped_fraction")
+
+
+def add_launcher_arguments(parser: argparse.ArgumentParser, group) -> None:
+    """``--local_rank`` (appended by the deepspeed launcher) and DeepSpeed's ``--deepspeed_config``."""
+    import deepspeed
+
+    group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    deepspeed.add_config_arguments(parser)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["num_experts=8", "pre_layer_norm=false"]`` -> typed values (JSON syntax, else a string)."""
+    out, problems = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"--override {item!r}: expected FIELD=VALUE")
+            continue
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    if problems:
+        raise ConfigError("command line", problems)
+    return out
+
+
+def git_hash() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_run_record(output_dir: Path, config: WideNetConfig, run: RunConfig, args: argparse.Namespace) -> None:
+    """The resolved model config, DeepSpeed config and git hash, in output_dir (rank 0)."""
+    if not is_main_process():
+        return
+    config.to_json_file(output_dir / "model_config.json", use_diff=False)
+    (output_dir / "ds_config.json").write_text(json.dumps(run.to_dict(), indent=2))
+    record = {"git": git_hash(), "args": {k: v for k, v in vars(args).items() if k != "deepspeed"},
+              "world_size": run.world_size, "precision": run.precision, "zero_stage": run.zero_stage,
+              "optimizer": run.optimizer["type"],
+              "lamb_trust_ratio": ("per partition (ZeRO)" if run.zero_stage else "per layer")
+              if run.optimizer["type"] == "Lamb" else None}
+    (output_dir / "run.json").write_text(json.dumps(record, indent=2))
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    values = values.detach().float().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+class MetricWindow:
+    """Losses and routing statistics summed since the last log line (kept on the device: no sync per step)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, out, tokens: int) -> None:
+        for key in _WINDOW_FIELDS:
+            value = getattr(out, key, None)
+            if value is not None:
+                value = value.detach().float()
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+        self.tokens += tokens
+
+    def record(self, step: int, lr: float, world: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.start
+        record: dict[str, Any] = {"step": step}
+        for key, value in self.sums.items():
+            mean = mean_over_ranks(value / self.count)
+            if key == "expert_counts":
+                record["expert_load"] = (mean / mean.sum(-1, keepdim=True)).tolist()  # (T, E) shares
+            else:
+                record[key] = mean.tolist()
+        record.update(lr=lr, tokens_per_s=self.tokens * world / max(elapsed, 1e-9))
+        return record
+
+
+def train_step(engine, batches, grad_accum: int, window: MetricWindow, guard: NonFiniteGuard, step: int) -> None:
+    """One optimizer step: ``grad_accum`` forward/backward passes (DeepSpeed steps at the boundary).
+
+    A batch whose loss is NaN/inf on any rank is skipped or stops the run (``guard``)."""
+    done = 0
+    while done < grad_accum:
+        batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+        out = engine(**batch)
+        if guard.should_skip(out.loss, step):
+            continue
+        engine.backward(out.loss)
+        engine.step()
+        window.add(out, int(batch["attention_mask"].sum()))
+        done += 1
