@@ -164,9 +164,10 @@ def fit(job: Job) -> list[dict[str, Any]]:
     bar = tqdm(total=args.max_steps, initial=job.state["step"], disable=not is_main_process(), desc="pretrain")
     engine.train()
     while job.state["step"] < args.max_steps:
+        tokens_before = window.tokens
         train_step(engine, batches, job.run.grad_accum, window, guard, job.state["step"] + 1)
         job.state["step"] += 1
-        job.state["tokens"] += window.tokens
+        job.state["tokens"] += window.tokens - tokens_before  # this rank's real (unpadded) tokens
         step = job.state["step"]
         bar.update(1)
         if step % args.log_every == 0 or step == args.max_steps:
