@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -29,22 +32,53 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        check_gloo_interface()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def close_distributed() -> None:
+def check_gloo_interface() -> None:
+    """Refuse a multi-node gloo run that would hang: gloo binds to the address the host name
+    resolves to, and where that is a loopback address the other nodes cannot reach it."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_SIZE", "0"))
+    if not local or world <= local or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    try:
+        address = ipaddress.ip_address(socket.gethostbyname(socket.gethostname()))
+    except (OSError, ValueError):
+        return
+    if address.is_loopback:
+        raise RuntimeError(f"this host's name resolves to {address}, a loopback address, so the other nodes cannot "
+                           "reach gloo here: set GLOO_SOCKET_IFNAME to the network interface that joins the nodes "
+                           "(e.g. GLOO_SOCKET_IFNAME=eth0)")
+
+
+def close_distributed(barrier: bool = True) -> None:
     """Barrier, then destroy the process group: without it, multi-process runs sometimes die at exit.
 
     Through DeepSpeed, which then forgets the groups it cached (data, expert parallel): a later
-    ``init_distributed`` + ``deepspeed.initialize`` in the same process starts clean.
+    ``init_distributed`` + ``deepspeed.initialize`` in the same process starts clean. Leaving on
+    an error, skip the barrier: a dead peer would only add a second traceback (or a hang).
     """
     if torch.distributed.is_initialized():
         from deepspeed import comm
 
-        torch.distributed.barrier()
+        if barrier:
+            torch.distributed.barrier()
         if comm.is_initialized():
             comm.destroy_process_group()
         else:  # created without DeepSpeed
             torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def distributed_session() -> Iterator[None]:
+    """Close the process group when a job ends: with a barrier on success, without on an error."""
+    try:
+        yield
+    except BaseException:
+        close_distributed(barrier=False)
+        raise
+    close_distributed()

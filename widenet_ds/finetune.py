@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from . import model_sources
 from .config import ConfigError, WideNetConfig
-from .distributed import close_distributed, init_distributed
+from .distributed import distributed_session, init_distributed
 from .ds_config import RunConfig, load_run_config
 from .expert_sharding import expert_parallel_rank, to_global_experts, to_local_experts
 from .glue import TaskSpec, collate, compute_metrics, encode, get_task, load_split, write_split_submission
@@ -378,7 +378,5 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """The whole job from the command line: parse, fine-tune, close."""
     args = build_parser().parse_args(argv)
-    try:
+    with distributed_session():
         return finetune(args)
-    finally:
-        close_distributed()

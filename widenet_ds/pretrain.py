@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from . import checkpointing
 from .config import PRESETS, ConfigError, WideNetConfig
-from .distributed import close_distributed, init_distributed
+from .distributed import distributed_session, init_distributed
 from .ds_config import RunConfig, load_run_config
 from .guards import NonFiniteGuard
 from .metrics_log import MetricsWriter, get_logger, is_main_process
@@ -202,11 +202,9 @@ def export_final(job: Job) -> Path | None:
 def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """The whole job: setup, fit, export, close."""
     args = build_parser().parse_args(argv)
-    try:
+    with distributed_session():
         job = setup(args)
         records = fit(job)
         export_final(job)
         job.metrics.close()
         return records
-    finally:
-        close_distributed()
