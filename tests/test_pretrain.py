@@ -224,3 +224,27 @@ def test_kill_9_of_one_rank_then_resume_auto_loses_nothing_after_the_checkpoint(
     assert sorted(resumed) == list(range(resumed_from + 1, 31)), "continues right after the checkpoint"
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_a_full_disk_during_save_fails_loudly_and_keeps_the_previous_checkpoint(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    # One debug checkpoint is ~0.8 MB: the first save fits in 1.2 MB, the second does not.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(checkpoints)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {mounted.stderr.strip()}")
+    try:
+        command = [sys.executable, str(ROOT / "launch" / "pretrain.py")]
+        args = COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--output_dir", str(tmp_path / "run"),
+                         "--max_steps", "4", "--save_every", "2", "--eval_every", "0", "--keep_last", "5"]
+        result = subprocess.run(command + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+        assert result.returncode != 0
+        assert "is the disk full?" in result.stderr and "step_00000002, is intact" in result.stderr
+        assert [c.name for c in complete_checkpoints(checkpoints)] == ["step_00000002"]
+        from widenet_ds.checkpointing import resolve_resume
+
+        newest = resolve_resume("auto", checkpoints)
+        assert newest.name == "step_00000002" and "widenet.embeddings.word_embeddings.weight" in full_state_dict(newest)
+    finally:
+        subprocess.run(["umount", str(checkpoints)], check=False)

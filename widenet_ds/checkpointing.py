@@ -74,8 +74,16 @@ def save_checkpoint(engine, checkpoint_dir: str | Path, step: int, trainer_state
     checkpoint_dir = Path(checkpoint_dir)
     tag = tag_for(step)
     path = checkpoint_dir / tag
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"widenet": trainer_state})
-    torch.save(rng_state(), path / f"rng_rank{_rank()}.pt")
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"widenet": trainer_state})
+        torch.save(rng_state(), path / f"rng_rank{_rank()}.pt")
+    except (OSError, RuntimeError) as err:
+        free = shutil.disk_usage(checkpoint_dir).free
+        complete = complete_checkpoints(checkpoint_dir)
+        raise CheckpointError(
+            f"saving {path} failed ({err}); {free} bytes free on its filesystem: is the disk full? "
+            f"{path.name} has no {MARKER} and will not be resumed from; the newest complete checkpoint, "
+            f"{complete[-1] if complete else 'none'}, is intact (--resume auto takes it)") from err
     if _rank() == 0:
         config.to_json_file(path / "config.json")
         (path / "run_config.json").write_text(json.dumps(run_config, indent=2))
