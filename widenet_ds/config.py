@@ -21,6 +21,7 @@ from transformers import PreTrainedConfig
 
 NOISE_POLICIES = ("gaussian", "jitter", "rsample", "none")
 ACTIVATIONS = ("gelu_new", "gelu", "relu")
+MOE_IMPLS = ("batched", "deepspeed")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,10 @@ class MoESettings:
     drop_tokens: bool = True  # False: capacity grows to fit every route (no token dropped)
     ep_size: int = 1  # expert-parallel world: ranks that split the experts between them
     aux_loss_coef: float = 0.01  # lambda: weight of the load-balance loss (mean over routing calls)
+    # How the MoE computes (same parameters, same results): "batched" runs the local experts as one
+    # batched matmul and routes without host syncs; "deepspeed" is DeepSpeed's expert loop and the
+    # reference router. A run-time setting, not architecture: checkpoints load under either.
+    impl: str = "batched"
 
     @classmethod
     def from_dict(cls, block: dict[str, Any] | None, source: str = "moe block") -> MoESettings:
@@ -80,6 +85,8 @@ class MoESettings:
                 out.append(f"{source}.{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.drop_tokens, bool):
             out.append(f"{source}.drop_tokens must be true or false, got {self.drop_tokens!r}")
+        if self.impl not in MOE_IMPLS:
+            out.append(f"{source}.impl must be one of {MOE_IMPLS}, got {self.impl!r}")
         return out
 
 

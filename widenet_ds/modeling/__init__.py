@@ -1,12 +1,14 @@
 """WideNet as nn.Modules: no engine, optimizer, checkpoint I/O or launch code here."""
 
-from .gate import WideNetGate, expert_capacity, load_balance_loss, top_k_route
+from .fast_moe import BatchedExperts, GatherMOELayer
+from .gate import WideNetGate, expert_capacity, load_balance_loss, top_k_route, top_k_route_fast
 from .layers import Attention, Block, Embeddings, Encoder, FeedForward, MoEFeedForward, RoutingStats
 from .models import (WideNetForMaskedLM, WideNetForPreTraining, WideNetForSequenceClassification, WideNetModel,
-                     WideNetPreTrainedModel, combine_aux_loss)
+                     WideNetPreTrainedModel, combine_aux_loss, compile_model)
 
 __all__ = [
-    "Attention", "Block", "Embeddings", "Encoder", "FeedForward", "MoEFeedForward", "RoutingStats", "WideNetGate",
-    "WideNetForMaskedLM", "WideNetForPreTraining", "WideNetForSequenceClassification", "WideNetModel",
-    "WideNetPreTrainedModel", "combine_aux_loss", "expert_capacity", "load_balance_loss", "top_k_route",
+    "Attention", "BatchedExperts", "Block", "Embeddings", "Encoder", "FeedForward", "GatherMOELayer",
+    "MoEFeedForward", "RoutingStats", "WideNetGate", "WideNetForMaskedLM", "WideNetForPreTraining",
+    "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel", "combine_aux_loss", "compile_model",
+    "expert_capacity", "load_balance_loss", "top_k_route", "top_k_route_fast",
 ]

@@ -4,13 +4,16 @@
 per-expert capacity ``max(ceil(C * K * S / E), min_capacity)``, and the Switch
 load-balance loss ``E * sum_e m_e * P_e``.
 
-Shape suffixes: S tokens, E experts, K routes per token.
+Shape suffixes: S tokens, E experts, K routes per token, R = K*S routes.
 
 DeepSpeed's ``TopKGate`` has no additive logit noise and its top-2 path samples the
 second expert with Gumbel noise even in eval mode; this gate is deterministic in eval.
 It returns what ``MOELayer`` expects of a sparse-route gate, with one documented
 difference: ``exp_counts`` is a (2, E) tensor, row 0 the routes each expert received,
 row 1 the routes it kept within capacity (DeepSpeed only passes it through).
+
+``top_k_route`` is the readable reference; ``top_k_route_fast`` computes the same routes
+without host synchronisations (the gate's default).
 """
 
 from __future__ import annotations
@@ -89,6 +92,71 @@ def top_k_route(logits_SE: Tensor, k: int, capacity: int | None, token_mask_S: T
     return l_aux, capacity_t, num_experts, indices_KS, locations_KS, gates_KS, counts_2E
 
 
+def top_k_route_fast(logits_SE: Tensor, k: int, capacity: int | None, token_mask_S: Tensor | None = None,
+                     normalize: bool = False, select_SE: Tensor | None = None, ep_group=None):
+    """``top_k_route`` without host synchronisations and without int64 one-hot tensors.
+
+    Same arguments and returns; indices, locations and counts are bit-identical, gates and
+    l_aux equal up to float rounding (tests/test_fast_path.py). Differences:
+
+    - the capacity comes back as a Python int when it is known on the host (``capacity``
+      given, no expert-parallel group), so ``int(C)`` in ``MOELayer`` does not wait for the GPU;
+    - padding is handled by masking, not boolean indexing or ``.any()`` (both synchronise);
+    - route positions come from one flat int32 scan over a bool (E, K*S) matrix (not an int64
+      scan down the routes of a (K*S, E) one-hot), and an expert keeps ``min(routes, capacity)``
+      routes, so the kept counts need no second pass.
+    """
+    probs_SE = F.softmax(logits_SE, dim=-1)
+    num_tokens, num_experts = probs_SE.shape
+    choice_SK = torch.topk(probs_SE if select_SE is None else select_SE, k, dim=-1).indices
+    gates_KS = probs_SE.gather(1, choice_SK).t()
+    choice_KS = choice_SK.t().contiguous()
+    choice_R = choice_KS.view(-1)  # routes R = K*S in priority order: every first choice, then every second
+    used_S = None if token_mask_S is None else token_mask_S.reshape(-1).bool()
+    onehot_ER = choice_R[None, :] == torch.arange(num_experts, device=logits_SE.device)[:, None]
+    if used_S is not None:
+        onehot_ER &= used_S.repeat(k)[None, :]
+    routed_E = onehot_ER.sum(1)  # int64, as DeepSpeed's counts
+    # A route's slot is the number of earlier routes to its expert. One scan of the flat expert-major
+    # matrix (a single-pass device scan) minus the routes of the lower experts gives it; a scan down
+    # the route axis of a (R, E) matrix is an outer-dimension scan, ~3-5 ms per call on an H200.
+    filled_ER = onehot_ER.view(-1).cumsum(0, dtype=torch.int32).view_as(onehot_ER)
+    lower_E = (routed_E.cumsum(0) - routed_E).to(torch.int32)
+    location_R = filled_ER.gather(0, choice_R[None, :]).squeeze(0) - lower_E[choice_R] - 1
+    location_KS = location_R.view(k, num_tokens)
+    l_aux = _masked_load_balance_loss(probs_SE, routed_E, k, used_S)
+
+    limit = capacity  # None: every route is kept
+    if pg_utils.is_parallel(ep_group):  # the group agrees on the largest capacity (a device value)
+        limit = routed_E.max() if capacity is None else torch.tensor(capacity, device=logits_SE.device)
+        dist.all_reduce(limit, op=dist.ReduceOp.MAX, group=ep_group)
+    capacity_out = routed_E.max() if limit is None else limit
+    kept_KS = torch.ones_like(location_KS, dtype=torch.bool) if limit is None else location_KS < limit
+    if used_S is not None:
+        kept_KS &= used_S[None, :]
+    gates_KS = gates_KS * kept_KS
+    if normalize:
+        gates_KS = gates_KS / gates_KS.sum(0, keepdim=True).clamp(min=torch.finfo(gates_KS.dtype).eps)
+    indices_KS = torch.where(kept_KS, choice_KS, -1).to(torch.int32)
+    locations_KS = torch.where(kept_KS, location_KS, 0)
+    kept_E = routed_E if limit is None else routed_E.clamp(max=limit)
+    counts_2E = torch.stack([routed_E, kept_E]).detach()
+    return l_aux, capacity_out, num_experts, indices_KS, locations_KS, gates_KS, counts_2E
+
+
+def _masked_load_balance_loss(probs_SE: Tensor, routed_E: Tensor, k: int, used_S: Tensor | None) -> Tensor:
+    """``load_balance_loss`` over the real tokens, by masking (0 when there are none)."""
+    num_tokens, num_experts = probs_SE.shape
+    if used_S is None:
+        count = max(num_tokens, 1)
+        mean_prob_E = probs_SE.sum(0) / count
+    else:
+        count = used_S.sum().clamp(min=1).float()
+        mean_prob_E = (probs_SE * used_S[:, None]).sum(0) / count
+    route_share_E = routed_E.float() / (count * k)
+    return num_experts * (mean_prob_E * route_share_E).sum()
+
+
 class WideNetGate(TopKGate):
     """Top-k router with the paper's Gaussian logit noise, for DeepSpeed's ``MOELayer``.
 
@@ -104,16 +172,19 @@ class WideNetGate(TopKGate):
             jitter), 'rsample' (Gumbel-sampled top-1 choice) or 'none'. Training only.
         noise_std: std of the Gaussian noise.
         normalize: rescale each token's kept gates to sum 1.
+        fast_routing: route with ``top_k_route_fast`` (no host syncs) instead of ``top_k_route``.
     """
 
     def __init__(self, model_dim: int, num_experts: int, k: int, capacity_factor: float,
                  eval_capacity_factor: float, min_capacity: int, drop_tokens: bool,
-                 noise: str = "gaussian", noise_std: float = 0.0, normalize: bool = False) -> None:
+                 noise: str = "gaussian", noise_std: float = 0.0, normalize: bool = False,
+                 fast_routing: bool = True) -> None:
         super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                          noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False)
         self.noise = noise
         self.noise_std = noise_std
         self.normalize = normalize
+        self.fast_routing = fast_routing
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for this many tokens in the current mode; None when not dropping."""
@@ -135,5 +206,6 @@ class WideNetGate(TopKGate):
             logits_SE = logits_SE + torch.randn_like(logits_SE) * self.noise_std
         elif noisy and self.noise == "rsample":
             select_SE = logits_SE + gumbel_rsample(logits_SE.shape, device=logits_SE.device)
-        return top_k_route(logits_SE, self.k, self.capacity(x_SD.shape[0]), used_token, self.normalize,
-                           select_SE, self.ep_group)
+        route = top_k_route_fast if self.fast_routing else top_k_route
+        return route(logits_SE, self.k, self.capacity(x_SD.shape[0]), used_token, self.normalize, select_SE,
+                     self.ep_group)

@@ -15,6 +15,7 @@ from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from ..config import MoESettings, WideNetConfig
+from .fast_moe import BatchedExperts, GatherMOELayer
 from .gate import WideNetGate
 
 ACTIVATION_FNS = {
@@ -92,7 +93,8 @@ class RoutingStats:
 
 
 class MoEFeedForward(nn.Module):
-    """DeepSpeed's MoE layer (experts, expert parallelism, checkpoint layout) with WideNet's gate."""
+    """DeepSpeed's MoE layer (experts, expert parallelism, checkpoint layout) with WideNet's gate,
+    and the fast subclasses of its MOELayer and Experts (``moe.impl``)."""
 
     def __init__(self, config: WideNetConfig, settings: MoESettings):
         super().__init__()
@@ -106,16 +108,31 @@ class MoEFeedForward(nn.Module):
             config.hidden_size, config.num_experts, config.top_k, settings.capacity_factor,
             settings.eval_capacity_factor, settings.min_capacity, settings.drop_tokens,
             noise=config.router_noise, noise_std=config.noise_std, normalize=config.router_normalize_top_k)
+        self.moe.deepspeed_moe.experts = BatchedExperts(self.moe.deepspeed_moe.experts)
+        self.moe.deepspeed_moe = GatherMOELayer(self.moe.deepspeed_moe)
+        self.use_impl(settings.impl)
 
     @property
     def gate(self) -> WideNetGate:
         return self.moe.deepspeed_moe.gate
 
+    @property
+    def experts(self) -> BatchedExperts:
+        return self.moe.deepspeed_moe.experts
+
+    def use_impl(self, impl: str) -> None:
+        """'batched' (sync-free router, gather dispatch/combine, batched experts; widenet_ds/modeling/
+        fast_moe.py) or 'deepspeed' (the reference router in DeepSpeed's MOELayer and expert loop).
+        Both compute the same function of the same parameters."""
+        fast = impl == "batched"
+        self.gate.fast_routing = self.moe.deepspeed_moe.fast = self.experts.batched = fast
+
     def apply_settings(self, settings: MoESettings) -> None:
-        """Change capacity, dropping and lambda at run time (ep_size is fixed at build time)."""
+        """Change capacity, dropping, impl and lambda at run time (ep_size is fixed at build time)."""
         assert settings.ep_size == self.moe.ep_size, "ep_size is fixed when the model is built"
         for name in ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens"):
             setattr(self.gate, name, getattr(settings, name))
+        self.use_impl(settings.impl)
 
     def forward(self, x_BTH: Tensor, token_mask_BT: Tensor | None) -> tuple[Tensor, RoutingStats]:
         used_S = None if token_mask_BT is None else token_mask_BT.reshape(-1)

@@ -16,7 +16,8 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..config import MoESettings, WideNetConfig
-from .layers import ACTIVATION_FNS, Embeddings, Encoder, MoEFeedForward, RoutingStats
+from .fast_moe import BatchedExperts, GatherMOELayer
+from .layers import ACTIVATION_FNS, Attention, Embeddings, Encoder, FeedForward, MoEFeedForward, RoutingStats
 
 
 def combine_aux_loss(routing: list[RoutingStats], coef: float) -> Tensor | None:
@@ -239,3 +240,20 @@ class WideNetForSequenceClassification(WideNetPreTrainedModel):
             loss=None if task_loss is None else _sum_losses(task_loss, out.aux_loss),
             task_loss=task_loss, aux_loss=out.aux_loss, logits=logits,
             expert_counts=out.expert_counts, dropped_fraction=out.dropped_fraction)
+
+
+def compile_model(model: nn.Module, **options) -> nn.Module:
+    """``torch.compile`` (with ``options``) the parts of a WideNet that compile whole, in place.
+
+    Embeddings, attention, dense FFNs, the MLM head and the MoE layer (fast path: routing,
+    dispatch, batched experts, combine) are compiled with ``nn.Module.compile``, so parameter
+    and state-dict names do not change. An MoE layer with expert parallelism (all-to-all) keeps
+    its layer eager and compiles its batched experts only. Off unless called; returns ``model``.
+    Compiled router noise draws other random numbers than eager (same distribution).
+    """
+    for module in model.modules():
+        if isinstance(module, GatherMOELayer) and module.ep_size == 1:
+            module.compile(**options)
+        elif isinstance(module, (Embeddings, Attention, FeedForward, BatchedExperts, MLMHead)):
+            module.compile(**options)
+    return model

@@ -1,0 +1,103 @@
+"""Expert-parallel scaling: training steps of a WideNet preset under the DeepSpeed engine with
+ep_size = world size, each rank its own batch (weak scaling), against the same on one GPU.
+
+    python benchmarks/bench_ep.py --ep_size 1 --out r1.json                      # 1 GPU
+    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 2 --out r2.json      # 2 GPUs, ep 2
+    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 1 --out r2dp.json    # 2 GPUs, data parallel only
+
+Scaling efficiency = (tokens/s per GPU with N GPUs) / (tokens/s on one GPU). ``--smoke`` runs
+the debug preset on CPU (gloo) for a check without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from widenet_ds import WideNetConfig, WideNetForPreTraining  # noqa: E402
+from widenet_ds.distributed import close_distributed, init_distributed  # noqa: E402
+from widenet_ds.ds_config import check_run_config  # noqa: E402
+from widenet_ds.engine import initialize_engine  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="widenet-base-e4")
+    p.add_argument("--ep_size", type=int, default=1)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=32, help="sequences per rank per step")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--zero_stage", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--smoke", action="store_true", help="debug preset on CPU, 2 steps")
+    p.add_argument("--local_rank", type=int, default=-1)
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    init_distributed()
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    cuda = torch.cuda.is_available()
+    moe = {"capacity_factor": 1.2, "eval_capacity_factor": 1.2, "ep_size": args.ep_size}
+    preset = "debug" if args.smoke else args.preset
+    config = WideNetConfig.from_preset(preset, moe=moe)
+    seq = min(args.seq, config.max_position_embeddings)
+    zero = {"stage": args.zero_stage}
+    if args.zero_stage == 2:
+        zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=True)
+    raw = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "gradient_clipping": 1.0,
+           "bf16": {"enabled": cuda}, "zero_optimization": zero, "steps_per_print": 10 ** 9, "moe": moe}
+    run = check_run_config(raw, "benchmarks/bench_ep.py", world_size=world, cuda=cuda)
+    torch.manual_seed(0)
+    engine, _, _ = initialize_engine(WideNetForPreTraining(config), run)
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(5, config.vocab_size, (args.batch, seq), generator=g)
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, -100)
+    batch = {k: v.to(engine.device) for k, v in dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+        sentence_order_label=torch.randint(0, 2, (args.batch,), generator=g)).items()}
+
+    def step():
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+
+    times = []
+    steps = 2 if args.smoke else args.warmup + args.steps
+    for i in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    timed = times[-args.steps:] if not args.smoke else times
+    ms = statistics.median(timed) * 1000
+    if rank == 0:
+        result = {"preset": preset, "world": world, "ep_size": args.ep_size, "seq": seq, "batch_per_rank": args.batch,
+                  "zero_stage": args.zero_stage, "ms_per_step": ms,
+                  "tokens_per_s_per_gpu": args.batch * seq / (ms / 1000),
+                  "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+                  "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+    close_distributed()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,543 @@
+"""Training-step speed and model FLOP utilisation (MFU) of WideNet, ALBERT and BERT on one GPU.
+
+Three tables, one run (see benchmarks/README.md for the formula and the flags):
+
+- train: full training steps (forward, backward, optimizer step) under the DeepSpeed engine
+  (bf16, ZeRO 0, AdamW) for each preset x sequence length x MoE impl;
+- hf: Hugging Face ``AlbertForPreTraining`` (sdpa, bf16, plain torch AdamW) on the same shapes;
+- stack: the encoder stack alone (DESIGN.md section 4), MoE vs the shared dense stack,
+  forward + backward, as time per model FLOP relative to the dense stack.
+
+MFU = model FLOPs per step / step time / the measured bf16 matmul ceiling (8192^3).
+
+    python benchmarks/bench_train.py                      # everything, both MoE impls
+    python benchmarks/bench_train.py --smoke              # CPU, debug shapes, 2 steps (the test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from widenet_ds import PRESETS, WideNetConfig, WideNetForPreTraining, WideNetModel  # noqa: E402
+from widenet_ds.config import MOE_IMPLS  # noqa: E402
+from widenet_ds.ds_config import check_run_config  # noqa: E402
+from widenet_ds.modeling import combine_aux_loss, compile_model  # noqa: E402
+
+PRESET_NAMES = ("albert-base", "bert-base", "widenet-base-e4", "widenet-base-e8")
+# The encoder stacks of DESIGN.md section 4: hidden 768, 12 shared blocks, FFN 3072.
+STACKS = {
+    "dense": dict(num_experts=1, top_k=1),
+    "moe-e4-top2": dict(num_experts=4, top_k=2),
+    "moe-e4-top1": dict(num_experts=4, top_k=1),
+    "moe-e8-top2": dict(num_experts=8, top_k=2),
+}
+# --smoke: every preset keeps its family (sharing, experts, LN order) at the debug preset's sizes.
+SMOKE_SIZES = {k: PRESETS["debug"][k] for k in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers",
+                                                  "num_attention_heads", "intermediate_size",
+                                                  "max_position_embeddings")}
+
+
+@dataclass
+class Row:
+    """One measured configuration."""
+
+    table: str  # train | hf | stack
+    model: str  # preset, 'hf-albert-base' or stack name
+    impl: str  # MoE impl ('batched' / 'deepspeed'), '-' without MoE
+    seq: int
+    batch: int
+    ms_per_step: float | None = None  # median over the timed steps (CUDA events on GPU)
+    wall_ms_per_step: float | None = None  # host wall clock over all timed steps / steps (after a sync)
+    tokens_per_s: float | None = None
+    model_tflop_per_step: float | None = None  # 3 x forward matmul FLOPs (README)
+    mfu: float | None = None  # model FLOPs / time / measured ceiling
+    peak_mem_gib: float | None = None  # torch.cuda.max_memory_allocated
+    kept_routes_per_token: float | None = None  # MoE: routes kept within capacity per token per routing call
+    time_per_flop_vs_dense: float | None = None  # stack table: (ms / FLOP) / (dense ms / dense FLOP)
+    error: str | None = None
+    step_ms: list[float] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=list(PRESET_NAMES), help="presets for the train table")
+    p.add_argument("--seqs", nargs="+", type=int, default=[128, 512], help="sequence lengths")
+    p.add_argument("--batch", type=int, default=32, help="sequences per step")
+    p.add_argument("--impls", nargs="+", default=list(MOE_IMPLS), choices=MOE_IMPLS,
+                   help="MoE impls to measure (MoE presets and stacks); dense models run once")
+    p.add_argument("--tables", nargs="+", default=["train", "hf", "stack"], choices=["train", "hf", "stack"])
+    p.add_argument("--stacks", nargs="+", default=list(STACKS), choices=list(STACKS))
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    p.add_argument("--capacity_factor", type=float, default=1.2, help="C in training")
+    p.add_argument("--no_attention_mask", action="store_true",
+                   help="pass attention_mask=None (unpadded batches: SDPA may use flash attention)")
+    p.add_argument("--compile", action="store_true", help="widenet_ds.modeling.compile_model on WideNet models")
+    p.add_argument("--profile", action="store_true", help="write a torch.profiler kernel table per configuration")
+    p.add_argument("--matmul_n", type=int, default=8192, help="size of the bf16 matmul that sets the ceiling")
+    p.add_argument("--name", default=None, help="results file stem (default: device and time)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check of the script: debug-size presets, seq 16, batch 2, 1+2 steps")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seqs, args.batch, args.warmup, args.steps, args.matmul_n = [16], 2, 1, 2, 256
+    return args
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def forward_flops(config: WideNetConfig, batch: int, seq: int, kept_routes_per_call: float | None,
+                  encoder_only: bool = False) -> float:
+    """Forward matmul FLOPs (2 per multiply-add) of one batch; see benchmarks/README.md.
+
+    ``kept_routes_per_call``: routes kept within capacity in one MoE call (all tokens of the batch),
+    averaged over the calls; dense models ignore it.
+    """
+    n, h, i, e, v = batch * seq, config.hidden_size, config.intermediate_size, config.embedding_size, config.vocab_size
+    attention = 8 * n * h * h + 4 * n * seq * h  # Q, K, V, O projections + scores and weighted sum
+    if config.num_experts > 1:
+        ffn = 2 * n * h * config.num_experts + 4 * h * i * kept_routes_per_call  # router + kept routes' experts
+    else:
+        ffn = 4 * n * h * i
+    stack = config.num_hidden_layers * (attention + ffn)
+    if encoder_only:
+        return stack
+    embeddings = 2 * n * e * h  # embedding_size -> hidden projection
+    heads = 2 * n * h * e + 2 * n * e * v + 2 * batch * h * (h + 2)  # MLM dense + decoder, pooler, SOP
+    return stack + embeddings + heads
+
+
+def kept_routes(expert_counts_TE: torch.Tensor, dropped_fraction_T: torch.Tensor) -> torch.Tensor:
+    """Routes kept within capacity, summed over the routing calls (a device tensor: no sync)."""
+    return (expert_counts_TE.sum(-1).float() * (1 - dropped_fraction_T.float())).sum().detach()
+
+
+# ----------------------------------------------------------------------------- timing
+
+def matmul_ceiling(device: torch.device, n: int) -> float:
+    """bf16 n^3 matmul rate in TFLOP/s (median of 10 after 3 warm-ups, random data)."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    times = time_steps(lambda: torch.mm(a, b), device, warmup=3, steps=10)[0]
+    return 2 * n ** 3 / (statistics.median(times) / 1e3) / 1e12
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> tuple[list[float], float]:
+    """Per-step times in ms (CUDA events on GPU, host clock on CPU) and the wall-clock mean over the steps."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    cuda = device.type == "cuda"
+    marks = []
+    start_wall = time.perf_counter()
+    for _ in range(steps):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+            marks.append((begin, end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            marks.append((t0, time.perf_counter()))
+    _sync(device)
+    wall_ms = (time.perf_counter() - start_wall) * 1e3 / max(steps, 1)
+    times = [b.elapsed_time(e) if cuda else (e - b) * 1e3 for b, e in marks]
+    return times, wall_ms
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _profile(step: Callable[[], Any], device: torch.device, path: Path) -> None:
+    """Kernel table of 3 steps (self device time), written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+
+
+# ----------------------------------------------------------------------------- inputs and models
+
+def make_batch(vocab: int, batch: int, seq: int, device: torch.device, mask: bool) -> dict[str, torch.Tensor]:
+    """A fixed pretraining batch: random ids, 15% MLM labels, segments A/B, SOP labels."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    labels = torch.where(torch.rand(batch, seq, generator=g) < 0.15, ids, -100)
+    types = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
+    out = dict(input_ids=ids, token_type_ids=types, labels=labels,
+               sentence_order_label=torch.randint(0, 2, (batch,), generator=g))
+    if mask:
+        out["attention_mask"] = torch.ones_like(ids)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def model_config(preset: str, args: argparse.Namespace, impl: str, **overrides: Any) -> WideNetConfig:
+    sizes = SMOKE_SIZES if args.smoke else {}
+    moe = {"capacity_factor": args.capacity_factor, "eval_capacity_factor": args.capacity_factor, "impl": impl}
+    return WideNetConfig.from_preset(preset, **{**sizes, **overrides}, moe=moe)
+
+
+def run_config(config: WideNetConfig, batch: int, device: torch.device):
+    """The DeepSpeed run config of the benchmark: bf16, ZeRO 0, AdamW, clipping 1.0, as the pretraining JSONs."""
+    raw = {
+        "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-6,
+                                                  "weight_decay": 0.01}},
+        "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": 0},
+        "steps_per_print": 10 ** 9, "moe": config.moe,
+    }
+    return check_run_config(raw, "benchmarks/bench_train.py", world_size=1, cuda=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- the three tables
+
+class Measure:
+    """Runs one configuration: builds, times, counts FLOPs, records errors instead of raising."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, ceiling_tflops: float, results: Path):
+        self.args, self.device, self.ceiling, self.results = args, device, ceiling_tflops, results
+
+    def __call__(self, row: Row, build: Callable[[], tuple[Callable[[], Any], Callable[[float], float], Any]]) -> Row:
+        """``build() -> (step, flops_of(kept_routes_per_call), routed_sum)``; ``routed_sum`` a list that
+        step appends kept-route tensors and routing-call counts to."""
+        _free(self.device)
+        try:
+            step, flops_of, routes = build()
+            times, wall_ms = time_steps(step, self.device, self.args.warmup, self.args.steps)
+            if self.args.profile:
+                _profile(step, self.device, self.results / "profiles" / f"{_slug(row)}.txt")
+            self._fill(row, times, wall_ms, flops_of, routes)
+        except Exception as err:  # noqa: BLE001 - one broken configuration must not stop the run
+            row.error = f"{type(err).__name__}: {err}"[:500]
+            traceback.print_exc()
+        finally:
+            step = flops_of = routes = None  # noqa: F841 - drop references before freeing memory
+            _free(self.device)
+        _print_row(row)
+        return row
+
+    def _fill(self, row: Row, times: list[float], wall_ms: float, flops_of, routes: list) -> None:
+        row.step_ms = [round(t, 3) for t in times]
+        row.ms_per_step = statistics.median(times)
+        row.wall_ms_per_step = wall_ms
+        row.tokens_per_s = row.batch * row.seq / (row.ms_per_step / 1e3)
+        kept_per_call = None
+        if routes:  # [(kept routes summed over calls, calls)] per step, warm-up included
+            kept = torch.stack([k for k, _ in routes]).sum().item()
+            calls = sum(c for _, c in routes)
+            kept_per_call = kept / calls
+            row.kept_routes_per_token = kept_per_call / (row.batch * row.seq)
+        flops = 3 * flops_of(kept_per_call)
+        row.model_tflop_per_step = flops / 1e12
+        row.mfu = flops / (row.ms_per_step / 1e3) / (self.ceiling * 1e12)
+        if self.device.type == "cuda":
+            row.peak_mem_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+
+
+def bench_widenet(measure: Measure, preset: str, impl: str, seq: int) -> Row:
+    """Full training steps under the DeepSpeed engine."""
+    from widenet_ds.engine import initialize_engine
+
+    args, device = measure.args, measure.device
+    config = model_config(preset, args, impl)
+    moe = config.num_experts > 1
+    row = Row("train", preset, impl if moe else "-", seq, args.batch)
+
+    def build():
+        with torch.device(device):
+            model = WideNetForPreTraining(config)
+        if args.compile:
+            compile_model(model)
+        engine, _, _ = initialize_engine(model, run_config(config, args.batch, device))
+        batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask)
+        routes: list = []
+
+        def step():
+            out = engine(**batch)
+            engine.backward(out.loss)
+            engine.step()
+            if moe:
+                routes.append((kept_routes(out.expert_counts, out.dropped_fraction), len(out.expert_counts)))
+
+        return step, lambda kept: forward_flops(config, args.batch, seq, kept), routes
+
+    return measure(row, build)
+
+
+def bench_hf_albert(measure: Measure, seq: int) -> Row:
+    """Hugging Face AlbertForPreTraining (sdpa), bf16 weights, plain torch AdamW: the outside reference."""
+    from transformers import AlbertConfig, AlbertForPreTraining
+
+    args, device = measure.args, measure.device
+    config = model_config("albert-base", args, "batched")
+    row = Row("hf", "hf-albert-base", "-", seq, args.batch)
+
+    def build():
+        hf_config = AlbertConfig(
+            vocab_size=config.vocab_size, embedding_size=config.embedding_size, hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            intermediate_size=config.intermediate_size, hidden_act="gelu_new", hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, max_position_embeddings=config.max_position_embeddings,
+            attn_implementation="sdpa")
+        with torch.device(device):
+            model = AlbertForPreTraining(hf_config).to(torch.bfloat16).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask)
+
+        def step():
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step, lambda kept: forward_flops(config, args.batch, seq, kept), []
+
+    return measure(row, build)
+
+
+def bench_stack(measure: Measure, name: str, impl: str, seq: int) -> Row:
+    """The encoder stack alone (bf16 weights, no engine): forward + backward of a fixed input."""
+    args, device = measure.args, measure.device
+    config = model_config("widenet-base-e4", args, impl, **STACKS[name])
+    moe = config.num_experts > 1
+    row = Row("stack", name, impl if moe else "-", seq, args.batch)
+
+    def build():
+        with torch.device(device):
+            encoder = WideNetModel(config).encoder.to(torch.bfloat16).train()
+        if args.compile:
+            compile_model(encoder)
+        x = torch.randn(args.batch, seq, config.hidden_size, device=device, dtype=torch.bfloat16)
+        mask = None if args.no_attention_mask else torch.ones(args.batch, seq, dtype=torch.long, device=device)
+        routes: list = []
+
+        def step():
+            y, routing = encoder(x, mask)
+            loss = y.float().square().mean()
+            if routing:
+                loss = loss + combine_aux_loss(routing, 0.01)
+                counts = torch.stack([r.expert_counts for r in routing])
+                routes.append((kept_routes(counts, torch.stack([r.dropped_fraction for r in routing])),
+                               len(routing)))
+            loss.backward()
+            encoder.zero_grad(set_to_none=True)
+
+        return step, lambda kept: forward_flops(config, args.batch, seq, kept, encoder_only=True), routes
+
+    return measure(row, build)
+
+
+def parity_check(args: argparse.Namespace, device: torch.device, preset: str = "widenet-base-e4") -> dict[str, Any]:
+    """Fast vs reference MoE path on this device: same weights, inputs and router noise, fp32 (TF32 off),
+    one training forward + backward. Reports the largest differences (expected: rounding only)."""
+    try:
+        batch, seq = (2, 16) if args.smoke else (4, 128)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        runs = {}
+        for impl in MOE_IMPLS:
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = WideNetForPreTraining(model_config(preset, args, impl)).train()
+            inputs = make_batch(model.config.vocab_size, batch, seq, device, mask=True)
+            torch.manual_seed(1)
+            out = model(**inputs)
+            out.loss.backward()
+            runs[impl] = (out, {n: p.grad for n, p in model.named_parameters()})
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        (fast, fast_grads), (ref, ref_grads) = runs["batched"], runs["deepspeed"]
+        norms = {n: g.norm().item() for n, g in ref_grads.items() if g is not None}
+        # Gradients that are zero in exact arithmetic (the attention key bias: softmax ignores it) are
+        # rounding noise of ~1e-8 in both paths; compare the others.
+        floor = 1e-5 * max(norms.values())
+        diffs = {n: (fast_grads[n] - ref_grads[n]).norm().item() / v for n, v in norms.items() if v > floor}
+        worst = max(diffs, key=diffs.get)
+        return {"preset": preset, "batch": batch, "seq": seq, "dtype": "float32",
+                "max_abs_logit_diff": (fast.prediction_logits - ref.prediction_logits).abs().max().item(),
+                "loss_diff": abs(fast.loss.item() - ref.loss.item()),
+                "expert_counts_equal": bool(torch.equal(fast.expert_counts, ref.expert_counts)),
+                "max_relative_grad_diff": diffs[worst], "worst_grad": worst,
+                "grads_compared": f"{len(diffs)} of {len(norms)} (norm > 1e-5 x the largest)"}
+    except Exception as err:  # noqa: BLE001 - reported, not fatal
+        traceback.print_exc()
+        return {"error": f"{type(err).__name__}: {err}"[:500]}
+    finally:
+        _free(device)
+
+
+# ----------------------------------------------------------------------------- output
+
+def _slug(row: Row) -> str:
+    return f"{row.table}_{row.model}_{row.impl}_s{row.seq}".replace("-", "_")
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_row(row: Row) -> None:
+    status = f"ERROR {row.error}" if row.error else (f"{_fmt(row.ms_per_step, '.2f')} ms  "
+                                                      f"MFU {_fmt(row.mfu, '.1%')}")
+    print(f"[bench] {row.table:5s} {row.model:16s} {row.impl:9s} seq {row.seq:4d}: {status}", flush=True)
+
+
+def set_relative_costs(rows: list[Row]) -> None:
+    """Stack rows: time per model FLOP relative to the dense stack at the same sequence length."""
+    dense = {r.seq: r for r in rows if r.table == "stack" and r.model == "dense" and r.mfu}
+    for r in rows:
+        if r.table == "stack" and r.mfu and r.seq in dense:
+            r.time_per_flop_vs_dense = dense[r.seq].mfu / r.mfu
+
+
+def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
+    lines = [f"# Training-step benchmark: {meta['name']}", "",
+             f"{meta['device']}, torch {meta['torch']}, deepspeed {meta['deepspeed']}, transformers "
+             f"{meta['transformers']}; batch {meta['args']['batch']}, bf16, ceiling {meta['ceiling_tflops']:.3g} "
+             f"TFLOP/s (bf16 {meta['args']['matmul_n']}^3 matmul); median of {meta['args']['steps']} steps after "
+             f"{meta['args']['warmup']}; attention mask {'none' if meta['args']['no_attention_mask'] else 'all ones'}"
+             f"{'; compiled' if meta['args']['compile'] else ''}.", "",
+             f"Fast vs reference MoE path, same weights and inputs (fp32): {meta.get('parity')}", ""]
+    head = ("| model | MoE impl | seq | ms / step | tokens / s | model TFLOP / step | MFU | peak GiB "
+            "| kept routes / token |")
+    for table, title in (("train", "Full training step (DeepSpeed engine, AdamW)"),
+                         ("hf", "Hugging Face AlbertForPreTraining (sdpa, torch AdamW)"),
+                         ("stack", "Encoder stack only, forward + backward (DESIGN.md section 4)")):
+        chosen = [r for r in rows if r.table == table]
+        if not chosen:
+            continue
+        extra = " time / FLOP vs dense |" if table == "stack" else ""
+        lines += [f"## {title}", "", head + extra, "|---" * (head.count("|") - 1 + bool(extra)) + "|"]
+        for r in chosen:
+            cells = [r.model, r.impl, str(r.seq), _fmt(r.ms_per_step, ".2f"), _fmt(r.tokens_per_s, ",.0f"),
+                     _fmt(r.model_tflop_per_step, ".3f"), _fmt(r.mfu, ".1%"), _fmt(r.peak_mem_gib, ".2f"),
+                     _fmt(r.kept_routes_per_token, ".3f")]
+            if table == "stack":
+                cells.append(_fmt(r.time_per_flop_vs_dense, ".2f"))
+            if r.error:
+                cells[3] = f"error: {r.error[:80]}"
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[Row], meta: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{meta['name']}.json", out / f"{meta['name']}.md"
+    json_path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    md_path.write_text(markdown(rows, meta))
+    return json_path, md_path
+
+
+# ----------------------------------------------------------------------------- main
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """One-process distributed world (DeepSpeed's engine needs one), quiet DeepSpeed logs, the device."""
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    from widenet_ds.distributed import init_distributed
+
+    if not torch.cuda.is_available():
+        if not args.smoke:
+            raise SystemExit("no CUDA device: this benchmark is for a GPU; use --smoke for a CPU check")
+        import deepspeed.comm.torch as ds_comm
+
+        ds_comm.build_shm_op = lambda: None  # one process needs no shared-memory collectives (a ~1 min JIT build)
+    ds_logger.setLevel(logging.WARNING)
+    init_distributed()
+    torch.manual_seed(0)
+    _ = deepspeed
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def metadata(args: argparse.Namespace, device: torch.device, ceiling: float) -> dict[str, Any]:
+    import deepspeed
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    stem = args.name or f"{name.replace(' ', '-').lower()}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return {"name": stem, "device": name, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__, "ceiling_tflops": ceiling,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, Callable[[Measure], Row]]]:
+    """Every configuration to measure, in order."""
+    jobs = []
+    for seq in args.seqs:
+        if "train" in args.tables:
+            for preset in args.presets:
+                moe = WideNetConfig.from_preset(preset).num_experts > 1
+                for impl in args.impls if moe else args.impls[:1]:
+                    jobs.append(("train", lambda m, p=preset, i=impl, s=seq: bench_widenet(m, p, i, s)))
+        if "hf" in args.tables:
+            jobs.append(("hf", lambda m, s=seq: bench_hf_albert(m, s)))
+        if "stack" in args.tables:
+            for name in args.stacks:
+                for impl in args.impls if STACKS[name]["num_experts"] > 1 else args.impls[:1]:
+                    jobs.append(("stack", lambda m, n=name, i=impl, s=seq: bench_stack(m, n, i, s)))
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    device = setup(args)
+    try:
+        ceiling = matmul_ceiling(device, args.matmul_n)
+        print(f"[bench] bf16 {args.matmul_n}^3 matmul ceiling: {ceiling:.1f} TFLOP/s", flush=True)
+        meta = metadata(args, device, ceiling)
+        meta["parity"] = parity_check(args, device)
+        print(f"[bench] fast vs reference MoE path on this device: {meta['parity']}", flush=True)
+        measure = Measure(args, device, ceiling, args.out)
+        rows: list[Row] = []
+        for _, job in plan(args):
+            rows.append(job(measure))
+            set_relative_costs(rows)
+            write_results(rows, meta, args.out)  # after every row: a crash keeps what was measured
+        json_path, md_path = write_results(rows, meta, args.out)
+        print("\n" + markdown(rows, meta))
+        print(f"[bench] wrote {json_path} and {md_path}")
+        return rows
+    finally:
+        from widenet_ds.distributed import close_distributed
+
+        close_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The fast MoE path (moe.impl "batched": sync-free router, gather dispatch/combine, batched experts)
+computes what the reference path (moe.impl "deepspeed": the reference router in DeepSpeed's MOELayer
+and expert loop) computes: routes, outputs, losses, expert counts and every gradient, on the same
+weights and inputs. The expert-parallel (ep_size 2) case is in tests/test_expert_parallel.py; the
+benchmark script's FLOP formula and smoke run are checked at the end."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.moe.experts import Experts
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from widenet_ds import ConfigError, MoESettings, WideNetConfig, WideNetForPreTraining
+from widenet_ds.modeling import (BatchedExperts, FeedForward, GatherMOELayer, compile_model, top_k_route,
+                                 top_k_route_fast)
+from widenet_ds.modeling.fast_moe import _Combine, _Dispatch, _ExpertLinear, route_maps
+
+
+def _route_args(tokens, experts, k, capacity, pad):
+    logits = torch.randn(tokens, experts, requires_grad=True)
+    mask = None
+    if pad:
+        mask = (torch.rand(tokens) > 0.3).long()
+    return logits, k, capacity, mask
+
+
+@pytest.mark.parametrize("tokens,experts,k,capacity,pad,normalize", [
+    (64, 4, 2, 40, False, False),  # C = 1.25
+    (64, 4, 2, 9, True, False),  # many drops, padding
+    (64, 8, 1, 5, True, False),
+    (37, 4, 3, 12, False, True),
+    (50, 4, 2, None, True, False),  # no dropping: capacity from the loads
+    (50, 4, 2, 30, True, True),
+])
+def test_fast_routing_matches_the_reference_router(tokens, experts, k, capacity, pad, normalize):
+    logits, k, capacity, mask = _route_args(tokens, experts, k, capacity, pad)
+    ref = top_k_route(logits, k, capacity, mask, normalize)
+    fast = top_k_route_fast(logits, k, capacity, mask, normalize)
+    assert int(fast[1]) == int(ref[1]) and fast[2] == ref[2]
+    for i, what in ((3, "expert indices"), (4, "locations"), (6, "counts")):
+        assert fast[i].dtype == ref[i].dtype and torch.equal(fast[i], ref[i]), what
+    if capacity is not None and capacity < 10:
+        assert (ref[6][1] < ref[6][0]).any(), "the case drops routes"
+    torch.testing.assert_close(fast[5], ref[5])  # gates
+    torch.testing.assert_close(fast[0], ref[0])  # l_aux
+    grad_ref = torch.autograd.grad(ref[0] + (ref[5] ** 2).sum(), logits)[0]
+    grad_fast = torch.autograd.grad(fast[0] + (fast[5] ** 2).sum(), logits)[0]
+    torch.testing.assert_close(grad_fast, grad_ref)
+
+
+def test_fast_routing_with_gumbel_selection_and_no_real_tokens():
+    logits = torch.randn(30, 4)
+    select = logits + torch.randn(30, 4)
+    ref, fast = top_k_route(logits, 1, 10, select_SE=select), top_k_route_fast(logits, 1, 10, select_SE=select)
+    assert torch.equal(fast[3], ref[3]) and torch.equal(fast[4], ref[4])
+    empty = torch.zeros(30, dtype=torch.long)
+    ref, fast = top_k_route(logits, 2, 10, empty), top_k_route_fast(logits, 2, 10, empty)
+    assert fast[0].item() == ref[0].item() == 0 and (fast[3] == -1).all() and torch.equal(fast[6], ref[6])
+
+
+def test_fast_path_needs_no_host_sync_where_reference_does():
+    """On the meta device no value can be read back to the host: what runs there never waits on the GPU."""
+    logits, mask = torch.randn(20, 4, device="meta"), torch.ones(20, device="meta")
+    capacity = top_k_route_fast(logits, 2, 8, mask)[1]
+    assert capacity == 8 and isinstance(capacity, int), "MOELayer's int(C) reads a host value"
+    with pytest.raises(NotImplementedError):
+        top_k_route(logits, 2, 8, mask)  # boolean indexing / .any() read device values
+    config = WideNetConfig.from_preset("debug")  # drop_tokens true, padding mask: a whole training step
+    model = WideNetForPreTraining(config).train().to("meta")
+    ids = torch.ones(3, 12, dtype=torch.long, device="meta")
+    model(input_ids=ids, attention_mask=ids, labels=ids, sentence_order_label=ids[:, 0]).loss.backward()
+    assert model.widenet.encoder.ffn[0].experts.deepspeed_experts[0].ffn.weight.grad is not None
+
+
+def _config(impl, moe=None, **overrides):
+    return WideNetConfig.from_preset("debug", **overrides, moe={**(moe or {}), "impl": impl})
+
+
+def _models(moe=None, **overrides):
+    torch.manual_seed(0)
+    fast = WideNetForPreTraining(_config("batched", moe, **overrides))
+    torch.manual_seed(0)
+    ref = WideNetForPreTraining(_config("deepspeed", moe, **overrides))
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), ref.state_dict().values())), \
+        "the impl does not change the initial weights"
+    return fast, ref
+
+
+def _batch(config, lengths=(12, 9, 5)):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, config.vocab_size, (len(lengths), max(lengths)), generator=g)
+    mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels,
+                sentence_order_label=torch.arange(len(lengths)) % 2)
+
+
+def _run(model, batch, train, seed=11):
+    model.train(train)
+    model.zero_grad()
+    torch.manual_seed(seed)  # same router noise in both models
+    out = model(**batch)
+    out.loss.backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+def _assert_same(fast_run, ref_run):
+    (fast, fast_grads), (ref, ref_grads) = fast_run, ref_run
+    torch.testing.assert_close(fast.prediction_logits, ref.prediction_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast.aux_loss, ref.aux_loss)
+    assert torch.equal(fast.expert_counts, ref.expert_counts)
+    torch.testing.assert_close(fast.dropped_fraction, ref.dropped_fraction)
+    assert fast_grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        assert grad is not None, name
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("case", [
+    dict(),  # top-2, C 1.2, padding, Gaussian router noise
+    dict(moe={"capacity_factor": 0.5, "eval_capacity_factor": 0.5, "min_capacity": 0}),  # many drops
+    dict(top_k=1, moe={"capacity_factor": 0.6, "eval_capacity_factor": 0.6, "min_capacity": 0}),
+    dict(top_k=1, router_noise="rsample", moe={"capacity_factor": 1.0, "min_capacity": 0}),
+    dict(router_noise="jitter", router_normalize_top_k=True, num_experts=8),
+    dict(moe={"drop_tokens": False}),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_fast_model_matches_the_reference_model(case, train):
+    fast, ref = _models(**case)
+    batch = _batch(fast.config)
+    fast_run, ref_run = _run(fast, batch, train), _run(ref, batch, train)
+    _assert_same(fast_run, ref_run)
+    if case.get("moe", {}).get("eval_capacity_factor", 1.2) < 1:
+        assert (fast_run[0].dropped_fraction > 0).all(), "the case drops routes"
+
+
+def test_impl_keeps_parameter_names_tags_and_can_switch_at_run_time():
+    fast, ref = _models()
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    layer = fast.widenet.encoder.ffn[0].moe.deepspeed_moe
+    experts = layer.experts
+    assert isinstance(layer, GatherMOELayer) and isinstance(experts, BatchedExperts) and isinstance(experts, Experts)
+    names = [n for n, _ in fast.named_parameters() if "deepspeed_experts" in n]
+    assert "widenet.encoder.ffn.0.moe.deepspeed_moe.experts.deepspeed_experts.3.ffn.weight" in names
+    for name, param in fast.named_parameters():
+        tagged = getattr(param, "allreduce", True) is False and getattr(param, "group_name", None) == "ep_size_1"
+        assert tagged == ("deepspeed_experts" in name), name
+    batch = _batch(fast.config)
+    ref_run = _run(ref, batch, train=True)
+    fast.apply_moe_settings(MoESettings(impl="deepspeed"))
+    assert not (experts.batched or layer.fast or layer.gate.fast_routing)
+    assert fast.config.moe["impl"] == "deepspeed"
+    _assert_same(_run(fast, batch, train=True), ref_run)
+
+
+def test_unknown_impl_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match=r"moe.impl must be one of \('batched', 'deepspeed'\), got 'fast'"):
+        WideNetConfig.from_preset("debug", moe={"impl": "fast"})
+
+
+def test_batched_experts_match_the_loop_in_bf16_and_across_expert_parallel_groups():
+    config = WideNetConfig.from_preset("debug")
+    experts = Experts(FeedForward(config), num_local_experts=3, expert_group_name="ep_size_2")
+    for param in experts.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    batched = BatchedExperts(experts)
+    x = torch.randn(2, 3, 5, config.hidden_size)  # (ep_size, local experts, capacity, H)
+    loop = Experts.forward(experts, x)
+    torch.testing.assert_close(batched(x), loop, atol=1e-5, rtol=1e-5)
+    experts.bfloat16()
+    for y in batched(x.bfloat16()), Experts.forward(experts, x.bfloat16()):  # bf16 rounding, both alike
+        assert y.dtype == torch.bfloat16 and ((y.float() - loop).norm() / loop.norm()).item() < 1e-2
+
+
+def test_compile_model_keeps_names_and_outputs():
+    fast, ref = _models()
+    compile_model(fast, backend="eager")
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    batch = _batch(fast.config)
+    _assert_same(_run(fast, batch, train=True), _run(ref, batch, train=True))
+
+
+def test_dispatch_combine_and_expert_linear_gradients_are_exact():
+    """float64 gradcheck of the fast path's autograd functions, with dropped routes and empty slots."""
+    torch.manual_seed(0)
+    S, M, E, C = 6, 3, 4, 2
+    logits = torch.randn(S, E) + torch.tensor([3.0, 0.0, 0.0, -3.0])  # expert 0 overflows, expert 3 idles
+    _, _, _, indices_KS, locations_KS, gates_KS, _ = top_k_route_fast(logits, 2, C, torch.tensor([1, 1, 1, 1, 1, 0]))
+    assert (indices_KS == -1).sum() > 1, "dropped routes and padding"
+    gates_KS = gates_KS.double().requires_grad_()
+    slot_KS, source_X, gate_X = route_maps(indices_KS, locations_KS, gates_KS, E, C)
+    assert (source_X == S).any(), "empty slots"
+    x_SM = torch.randn(S, M, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x: _Dispatch.apply(x, slot_KS, source_X), (x_SM,))
+    out_XM = torch.randn(E * C, M, dtype=torch.float64, requires_grad=True)
+    gate_X = gate_X.double()
+    torch.autograd.gradcheck(lambda o, g: _Combine.apply(o, g, slot_KS, source_X, gate_X), (out_XM, gates_KS))
+    args = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((2, 5, 3), (2, 4, 3), (2, 4))]
+    torch.autograd.gradcheck(_ExpertLinear.apply, args)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("preset_overrides", [dict(num_experts=1, top_k=1), dict(num_experts=4, top_k=2)])
+def test_benchmark_flop_formula_counts_every_matmul(preset_overrides):
+    """The benchmark's forward FLOPs equal PyTorch's FLOP counter on the model (MoE: with every expert
+    slot counted as a route, as the experts compute them; the benchmark counts kept routes only)."""
+    bench = _bench_module()
+    config = WideNetConfig.from_preset("debug", **preset_overrides, moe={"min_capacity": 0})
+    model = WideNetForPreTraining(config).eval()
+    batch, seq = 3, 10
+    inputs = _batch(config, lengths=(seq,) * batch)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # attention as counted matmuls
+        model(**inputs)
+    slots = None
+    if config.num_experts > 1:
+        layer = model.widenet.encoder.ffn[0]
+        slots = config.num_experts * layer.gate.capacity(batch * seq)
+    assert counter.get_total_flops() == bench.forward_flops(config, batch, seq, slots)
+
+
+def test_benchmark_script_runs_on_cpu_in_smoke_mode(tmp_path):
+    # one dense and one MoE preset and stack (each row costs ~0.5 s here): every code path of the script
+    command = [sys.executable, str(BENCH), "--smoke", "--presets", "albert-base", "widenet-base-e4",
+               "--stacks", "dense", "moe-e4-top2", "--out", str(tmp_path), "--name", "smoke"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    assert [r["error"] for r in rows if r["error"]] == []
+    measured = [(r["table"], r["model"], r["impl"]) for r in rows]
+    assert measured == [("train", "albert-base", "-"), ("train", "widenet-base-e4", "batched"),
+                        ("train", "widenet-base-e4", "deepspeed"), ("hf", "hf-albert-base", "-"),
+                        ("stack", "dense", "-"), ("stack", "moe-e4-top2", "batched"),
+                        ("stack", "moe-e4-top2", "deepspeed")]
+    for r in rows:
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["model_tflop_per_step"] > 0 and r["mfu"] > 0
+        if "-e" in r["model"] and r["table"] != "hf":
+            assert 0 < r["kept_routes_per_token"] <= 2
+    assert [r["time_per_flop_vs_dense"] for r in rows if r["model"] == "dense"] == [1.0]
+    table = (tmp_path / "smoke.md").read_text()
+    assert "| widenet-base-e4 | batched | 16 |" in table and "time / FLOP vs dense" in table
