@@ -248,3 +248,17 @@ def test_a_full_disk_during_save_fails_loudly_and_keeps_the_previous_checkpoint(
         assert newest.name == "step_00000002" and "widenet.embeddings.word_embeddings.weight" in full_state_dict(newest)
     finally:
         subprocess.run(["umount", str(checkpoints)], check=False)
+
+
+def test_export_on_demand_from_any_checkpoint(ep2_run, tmp_path):
+    first = complete_checkpoints(ep2_run / "checkpoints")[0]
+    for source, out in ((first, tmp_path / "at8"), (ep2_run, tmp_path / "latest")):
+        result = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), str(source), str(out)],
+                                cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+    at8 = WideNetForPreTraining.from_pretrained(tmp_path / "at8").state_dict()
+    latest = WideNetForPreTraining.from_pretrained(tmp_path / "latest").state_dict()
+    final = WideNetForPreTraining.from_pretrained(ep2_run / "final").state_dict()
+    assert all(torch.equal(latest[k], final[k]) for k in final), "output_dir exports its newest checkpoint"
+    assert any(not torch.equal(at8[k], final[k]) for k in final), "step 8 differs from step 16"
+    assert (tmp_path / "at8" / "tokenizer_config.json").is_file()

@@ -118,11 +118,12 @@ def train_step(engine, batches, grad_accum: int, window: MetricWindow, guard: No
     A batch whose loss is NaN/inf on any rank is skipped or stops the run (``guard``)."""
     done = 0
     while done < grad_accum:
-        batch = {k: v.to(engine.device) for k, v in next(batches).items()}
-        out = engine(**batch)
+        batch = next(batches)
+        tokens = int(batch["attention_mask"].sum())  # counted on the host, before the copy: no GPU sync
+        out = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in batch.items()})
         if guard.should_skip(out.loss, step):
             continue
         engine.backward(out.loss)
         engine.step()
-        window.add(out, int(batch["attention_mask"].sum()))
+        window.add(out, tokens)
         done += 1
