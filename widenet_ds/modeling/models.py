@@ -150,10 +150,20 @@ def _mlm_loss(logits_BTV: Tensor, labels_BT: Tensor | None) -> Tensor | None:
     return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=-100)
 
 
-class WideNetForPreTraining(WideNetPreTrainedModel):
-    """Encoder + MLM head + sentence-order-prediction head (ALBERT's pretraining)."""
+class _WithMLMHead(WideNetPreTrainedModel):
+    """A model whose ``predictions`` MLM head decodes with the (tied) word embeddings."""
 
     _tied_weights_keys = {"predictions.decoder.weight": "widenet.embeddings.word_embeddings.weight"}
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.predictions.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.predictions.decoder = value
+
+
+class WideNetForPreTraining(_WithMLMHead):
+    """Encoder + MLM head + sentence-order-prediction head (ALBERT's pretraining)."""
 
     def __init__(self, config: WideNetConfig):
         super().__init__(config)
@@ -162,12 +172,6 @@ class WideNetForPreTraining(WideNetPreTrainedModel):
         self.sop_classifier = nn.Sequential(nn.Dropout(config.classifier_dropout_prob),
                                             nn.Linear(config.hidden_size, 2))
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.predictions.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.predictions.decoder = value
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
@@ -185,22 +189,14 @@ class WideNetForPreTraining(WideNetPreTrainedModel):
             expert_counts=out.expert_counts, dropped_fraction=out.dropped_fraction)
 
 
-class WideNetForMaskedLM(WideNetPreTrainedModel):
+class WideNetForMaskedLM(_WithMLMHead):
     """Encoder + MLM head."""
-
-    _tied_weights_keys = {"predictions.decoder.weight": "widenet.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: WideNetConfig):
         super().__init__(config)
         self.widenet = WideNetModel(config)
         self.predictions = MLMHead(config)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.predictions.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.predictions.decoder = value
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
