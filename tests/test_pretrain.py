@@ -262,3 +262,29 @@ def test_export_on_demand_from_any_checkpoint(ep2_run, tmp_path):
     assert all(torch.equal(latest[k], final[k]) for k in final), "output_dir exports its newest checkpoint"
     assert any(not torch.equal(at8[k], final[k]) for k in final), "step 8 differs from step 16"
     assert (tmp_path / "at8" / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize("action", ["stop", "skip"])
+def test_a_real_nan_loss_stops_or_skips_as_configured(tmp_path, action):
+    raw = json.loads((ROOT / "ds_configs" / "pretrain_cpu_smoke.json").read_text())
+    raw["optimizer"]["params"]["lr"] = raw["scheduler"]["params"]["warmup_max_lr"] = 1e4  # diverges by step 5
+    raw["scheduler"]["params"]["warmup_num_steps"] = 1
+    raw["gradient_clipping"] = 0.0
+    raw["nonfinite_loss"] = {"action": action, "max_consecutive": 3}
+    config = tmp_path / "diverging.json"
+    config.write_text(json.dumps(raw))
+    command = [sys.executable, str(ROOT / "launch" / "pretrain.py")]
+    args = COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--output_dir", str(tmp_path / "run"),
+                     "--deepspeed_config", str(config), "--max_steps", "10", "--save_every", "2",
+                     "--eval_every", "0"]
+    result = subprocess.run(command + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert "non-finite loss (nan here) at step 5 on 1 rank(s)" in result.stderr
+    if action == "stop":
+        assert "stopping (nonfinite_loss.action is 'stop')" in result.stderr
+        assert "skipping a batch" not in result.stderr
+    else:
+        assert result.stderr.count("skipping a batch") == 3
+        assert "4 bad batches in a row, more than nonfinite_loss.max_consecutive (3)" in result.stderr
+    assert [c.name for c in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000002",
+                                                                                       "step_00000004"]
