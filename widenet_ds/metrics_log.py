@@ -19,15 +19,16 @@ def is_main_process() -> bool:
 
 
 def get_logger(name: str = "widenet_ds") -> logging.Logger:
-    """A logger that speaks on rank 0 only (warnings and errors from every rank)."""
-    logger = logging.getLogger(name)
-    if not logger.handlers:
+    """A logger under the package's own, which speaks on rank 0 only (warnings and errors from every
+    rank); configuring the package logger once makes every ``widenet_ds.*`` module's log visible."""
+    root = logging.getLogger("widenet_ds")
+    if not root.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
-    return logger
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    return logging.getLogger(name)
 
 
 def _plain(value: Any) -> Any:
