@@ -36,3 +36,30 @@ def test_both_optimizers_train_the_model(kind):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_lamb_under_the_deepspeed_engine(zero_stage):
+    from widenet_ds.distributed import close_distributed, init_distributed
+    from widenet_ds.ds_config import check_run_config
+    from widenet_ds.engine import initialize_engine
+
+    raw = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+           "optimizer": {"type": "Lamb", "params": {"lr": 1e-2, "weight_decay": 0.01}},
+           "zero_optimization": {"stage": zero_stage}, "zero_allow_untested_optimizer": True}
+    init_distributed()
+    try:
+        run = check_run_config(raw, "test", world_size=1)
+        config = WideNetConfig.from_preset("debug").with_moe_settings(run.moe)
+        engine, optimizer, _ = initialize_engine(WideNetForPreTraining(config), run)
+        ids = torch.randint(5, 500, (4, 16), generator=torch.Generator().manual_seed(0))
+        labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, -100)
+        losses = []
+        for _ in range(8):
+            loss = engine(ids, labels=labels, sentence_order_label=torch.tensor([0, 1, 0, 1])).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.1, losses
+    finally:
+        close_distributed()
