@@ -24,3 +24,17 @@ def test_gloo_interface_check(monkeypatch, env, resolved, refused):
             check_gloo_interface()
     else:
         check_gloo_interface()
+
+
+def test_a_one_process_world_leaves_no_launcher_variables_behind(monkeypatch):
+    import os
+
+    from widenet_ds.distributed import close_distributed, init_distributed
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    init_distributed()
+    assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"]
+    close_distributed()
+    # A job launched from this process afterwards must not inherit a port this process used.
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)

@@ -18,6 +18,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Launcher variables init_distributed declared for a one-process world, with what they were before:
+# close_distributed restores them, so a later launch from this process does not inherit a stale port.
+_DECLARED: dict[str, str | None] = {}
+
+
 def init_distributed() -> None:
     """Join (or create) the default process group through DeepSpeed.
 
@@ -29,8 +34,10 @@ def init_distributed() -> None:
     if torch.distributed.is_initialized():
         return
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+        declared = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+        _DECLARED.update({k: os.environ.get(k) for k in declared})
+        os.environ.update(declared)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         check_gloo_interface()
@@ -71,6 +78,12 @@ def close_distributed(barrier: bool = True) -> None:
             comm.destroy_process_group()
         else:  # created without DeepSpeed
             torch.distributed.destroy_process_group()
+    for key, value in _DECLARED.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _DECLARED.clear()
 
 
 @contextmanager
