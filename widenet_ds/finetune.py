@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from .modeling import WideNetForSequenceClassification
 from .training import (REPO_ROOT, MetricWindow, add_launcher_arguments, parse_overrides,
                        train_step, write_run_record)
 
-log = get_logger("widenet_ds.finetune")
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +179,7 @@ def setup(args: argparse.Namespace) -> Job:
     """Check the inputs, load and encode the data, build the model and the engine."""
     from transformers import set_seed
 
+    get_logger()  # rank-aware console logging for every widenet_ds module
     from .engine import initialize_engine
 
     task = get_task(args.task)

@@ -9,6 +9,7 @@ only parses the command line and calls ``run``.
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from .training import (REPO_ROOT, MetricWindow, add_launcher_arguments, parse_ov
                        train_step, write_run_record)
 
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
-log = get_logger("widenet_ds.pretrain")
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +86,7 @@ def setup(args: argparse.Namespace) -> Job:
     from .data.pipeline import prepare_pretraining_data
 
     init_distributed()
+    get_logger()  # rank-aware console logging for every widenet_ds module
     world = dist.get_world_size()
     run = load_run_config(args.deepspeed_config or DEFAULT_DS_CONFIG, world_size=world,
                           cuda=torch.cuda.is_available(), max_steps=args.max_steps)
