@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from .config import WideNetConfig
-from .expert_sharding import to_local_experts
 from .modeling import WideNetForPreTraining
 
 log = logging.getLogger(__name__)
@@ -214,13 +213,9 @@ def load_checkpoint(engine, path: Path, config: WideNetConfig) -> dict[str, Any]
     return marker["trainer_state"]
 
 
-def load_resharded_weights(model: torch.nn.Module, path: Path, config: WideNetConfig) -> None:
-    """Load a checkpoint's weights into a bare model (no engine) built for any ep_size (this rank's experts)."""
-    from deepspeed.utils import groups
-
-    ep_size = config.moe_settings.ep_size
-    ep_rank = groups._get_expert_parallel_rank(f"ep_size_{ep_size}") if ep_size > 1 else 0
-    state = to_local_experts(full_state_dict(path), config.num_experts, ep_size, ep_rank)
+def load_full_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a checkpoint's weights, every expert, into a bare ep_size-1 model (no engine)."""
+    state = full_state_dict(path)
     tied = "predictions.decoder.weight"
     if tied not in state and "widenet.embeddings.word_embeddings.weight" in state:
         state[tied] = state["widenet.embeddings.word_embeddings.weight"]
@@ -254,7 +249,7 @@ def export_pretrained(path: str | Path, out_dir: str | Path, tokenizer_dir: str 
     config = WideNetConfig.from_json_file(path / "config.json")
     config.moe = {**config.moe, "ep_size": 1}
     model = WideNetForPreTraining(config)
-    load_resharded_weights(model, path, config)
+    load_full_weights(model, path)
     model.save_pretrained(out_dir)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
