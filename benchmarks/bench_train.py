@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from widenet_ds import PRESETS, WideNetConfig, WideNetForPreTraining, WideNetModel  # noqa: E402
 from widenet_ds.config import MOE_IMPLS  # noqa: E402
 from widenet_ds.ds_config import check_run_config  # noqa: E402
-from widenet_ds.modeling import combine_aux_loss, compile_model  # noqa: E402
+from widenet_ds.modeling import COMPILE_SCOPES, combine_aux_loss, compile_model  # noqa: E402
 
+ZERO_VARIANTS = ("0", "1", "2", "0:fp32", "1:fp32", "2:fp32")
 PRESET_NAMES = ("albert-base", "bert-base", "widenet-base-e4", "widenet-base-e8")
 # The encoder stacks of DESIGN.md section 4: hidden 768, 12 shared blocks, FFN 3072.
 STACKS = {
@@ -62,6 +63,8 @@ class Row:
     impl: str  # MoE impl ('batched' / 'deepspeed'), '-' without MoE
     seq: int
     batch: int
+    compile: str = "none"  # compile_model scope[:mode], or 'none' (eager)
+    zero: str = "-"  # train table: ZeRO stage[:fp32] (fp32: gradients accumulated in fp32)
     ms_per_step: float | None = None  # median over the timed steps (CUDA events on GPU)
     wall_ms_per_step: float | None = None  # host wall clock over all timed steps / steps (after a sync)
     tokens_per_s: float | None = None
@@ -72,6 +75,9 @@ class Row:
     time_per_flop_vs_dense: float | None = None  # stack table: (ms / FLOP) / (dense ms / dense FLOP)
     error: str | None = None
     step_ms: list[float] = field(default_factory=list)
+    # --breakdown: per phase (forward / backward / optimizer), median over steps with a sync after each
+    # phase: host_ms = time until the phase's work is queued, total_ms = until the GPU has finished it
+    phases: dict[str, dict[str, float]] | None = None
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -90,7 +96,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capacity_factor", type=float, default=1.2, help="C in training")
     p.add_argument("--no_attention_mask", action="store_true",
                    help="pass attention_mask=None (unpadded batches: SDPA may use flash attention)")
-    p.add_argument("--compile", action="store_true", help="widenet_ds.modeling.compile_model on WideNet models")
+    p.add_argument("--compile", nargs="*", default=["none"], metavar="SCOPE[:MODE]",
+                   help="compile variants, each measured: 'none' (eager) or a compile_model scope "
+                        f"({', '.join(COMPILE_SCOPES)}), optionally with a torch.compile mode, e.g. "
+                        "model:max-autotune-no-cudagraphs; '--compile' alone means 'model'")
+    p.add_argument("--zero", nargs="+", default=["1:fp32"], choices=ZERO_VARIANTS,
+                   help="train table: ZeRO stages to measure; ':fp32' accumulates gradients in fp32 "
+                        "(DeepSpeed's BF16_Optimizer) instead of bf16")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time forward, backward and optimizer separately (sync after each)")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler kernel table per configuration")
     p.add_argument("--matmul_n", type=int, default=8192, help="size of the bf16 matmul that sets the ceiling")
     p.add_argument("--name", default=None, help="results file stem (default: device and time)")
@@ -98,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="CPU check of the script: debug-size presets, seq 16, batch 2, 1+2 steps")
     args = p.parse_args(argv)
+    args.compile = args.compile or ["model"]
+    for variant in args.compile:
+        if variant != "none" and variant.split(":")[0] not in COMPILE_SCOPES:
+            p.error(f"--compile {variant}: the scope must be one of none, {', '.join(COMPILE_SCOPES)}")
     if args.smoke:
         args.seqs, args.batch, args.warmup, args.steps, args.matmul_n = [16], 2, 1, 2, 256
     return args
@@ -138,6 +156,44 @@ def matmul_ceiling(device: torch.device, n: int) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     times = time_steps(lambda: torch.mm(a, b), device, warmup=3, steps=10)[0]
     return 2 * n ** 3 / (statistics.median(times) / 1e3) / 1e12
+
+
+def _no_mark(phase: str) -> None:
+    """What a step calls after each of its phases when nobody is timing them."""
+
+
+class PhaseTimer:
+    """``step(mark=timer)``: times each phase of a step from a synchronised start (see Row.phases)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host: dict[str, list[float]] = {}
+        self.total: dict[str, list[float]] = {}
+        self.start()
+
+    def start(self) -> None:
+        _sync(self.device)
+        self.t0 = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        queued = time.perf_counter()
+        _sync(self.device)
+        done = time.perf_counter()
+        self.host.setdefault(phase, []).append((queued - self.t0) * 1e3)
+        self.total.setdefault(phase, []).append((done - self.t0) * 1e3)
+        self.t0 = time.perf_counter()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {phase: {"host_ms": round(statistics.median(self.host[phase]), 3),
+                        "total_ms": round(statistics.median(self.total[phase]), 3)} for phase in self.host}
+
+
+def time_phases(step: Callable[..., Any], device: torch.device, steps: int) -> dict[str, dict[str, float]]:
+    timer = PhaseTimer(device)
+    for _ in range(steps):
+        timer.start()
+        step(mark=timer)
+    return timer.summary()
 
 
 def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> tuple[list[float], float]:
@@ -205,15 +261,18 @@ def model_config(preset: str, args: argparse.Namespace, impl: str, **overrides: 
     return WideNetConfig.from_preset(preset, **{**sizes, **overrides}, moe=moe)
 
 
-def run_config(config: WideNetConfig, batch: int, device: torch.device):
-    """The DeepSpeed run config of the benchmark: bf16, ZeRO 0, AdamW, clipping 1.0, as the pretraining JSONs."""
+def run_config(config: WideNetConfig, batch: int, device: torch.device, zero: str = "0"):
+    """The DeepSpeed run config of the benchmark: bf16, ZeRO ``zero`` (stage[:fp32]), AdamW, clipping 1.0."""
+    stage, _, accumulate = zero.partition(":")
     raw = {
         "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-6,
                                                   "weight_decay": 0.01}},
-        "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": 0},
+        "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": int(stage)},
         "steps_per_print": 10 ** 9, "moe": config.moe,
     }
+    if accumulate:
+        raw["data_types"] = {"grad_accum_dtype": accumulate}
     return check_run_config(raw, "benchmarks/bench_train.py", world_size=1, cuda=device.type == "cuda")
 
 
@@ -232,6 +291,8 @@ class Measure:
         try:
             step, flops_of, routes = build()
             times, wall_ms = time_steps(step, self.device, self.args.warmup, self.args.steps)
+            if self.args.breakdown:
+                row.phases = time_phases(step, self.device, self.args.steps)
             if self.args.profile:
                 _profile(step, self.device, self.results / "profiles" / f"{_slug(row)}.txt")
             self._fill(row, times, wall_ms, flops_of, routes)
@@ -262,28 +323,37 @@ class Measure:
             row.peak_mem_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
 
 
-def bench_widenet(measure: Measure, preset: str, impl: str, seq: int) -> Row:
+def apply_compile(model: torch.nn.Module, variant: str) -> None:
+    """``variant``: 'none' or 'scope[:mode]' (compile_model)."""
+    if variant != "none":
+        scope, _, mode = variant.partition(":")
+        compile_model(model, scope, **({"mode": mode} if mode else {}))
+
+
+def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: str, zero: str) -> Row:
     """Full training steps under the DeepSpeed engine."""
     from widenet_ds.engine import initialize_engine
 
     args, device = measure.args, measure.device
     config = model_config(preset, args, impl)
     moe = config.num_experts > 1
-    row = Row("train", preset, impl if moe else "-", seq, args.batch)
+    row = Row("train", preset, impl if moe else "-", seq, args.batch, variant, zero)
 
     def build():
         with torch.device(device):
             model = WideNetForPreTraining(config)
-        if args.compile:
-            compile_model(model)
-        engine, _, _ = initialize_engine(model, run_config(config, args.batch, device))
+        apply_compile(model, variant)
+        engine, _, _ = initialize_engine(model, run_config(config, args.batch, device, zero))
         batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask)
         routes: list = []
 
-        def step():
+        def step(mark=_no_mark):
             out = engine(**batch)
+            mark("forward")
             engine.backward(out.loss)
+            mark("backward")
             engine.step()
+            mark("optimizer")
             if moe:
                 routes.append((kept_routes(out.expert_counts, out.dropped_fraction), len(out.expert_counts)))
 
@@ -292,13 +362,14 @@ def bench_widenet(measure: Measure, preset: str, impl: str, seq: int) -> Row:
     return measure(row, build)
 
 
-def bench_hf_albert(measure: Measure, seq: int) -> Row:
-    """Hugging Face AlbertForPreTraining (sdpa), bf16 weights, plain torch AdamW: the outside reference."""
+def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
+    """Hugging Face AlbertForPreTraining (sdpa), bf16 weights, plain torch AdamW: the outside reference.
+    Any compile variant but 'none' compiles the whole model (``nn.Module.compile``, with the mode)."""
     from transformers import AlbertConfig, AlbertForPreTraining
 
     args, device = measure.args, measure.device
     config = model_config("albert-base", args, "batched")
-    row = Row("hf", "hf-albert-base", "-", seq, args.batch)
+    row = Row("hf", "hf-albert-base", "-", seq, args.batch, variant)
 
     def build():
         hf_config = AlbertConfig(
@@ -309,36 +380,42 @@ def bench_hf_albert(measure: Measure, seq: int) -> Row:
             attn_implementation="sdpa")
         with torch.device(device):
             model = AlbertForPreTraining(hf_config).to(torch.bfloat16).train()
+        if variant != "none":
+            mode = variant.partition(":")[2]
+            model.compile(**({"mode": mode} if mode else {}))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask)
 
-        def step():
-            model(**batch).loss.backward()
+        def step(mark=_no_mark):
+            loss = model(**batch).loss
+            mark("forward")
+            loss.backward()
+            mark("backward")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            mark("optimizer")
 
         return step, lambda kept: forward_flops(config, args.batch, seq, kept), []
 
     return measure(row, build)
 
 
-def bench_stack(measure: Measure, name: str, impl: str, seq: int) -> Row:
+def bench_stack(measure: Measure, name: str, impl: str, seq: int, variant: str) -> Row:
     """The encoder stack alone (bf16 weights, no engine): forward + backward of a fixed input."""
     args, device = measure.args, measure.device
     config = model_config("widenet-base-e4", args, impl, **STACKS[name])
     moe = config.num_experts > 1
-    row = Row("stack", name, impl if moe else "-", seq, args.batch)
+    row = Row("stack", name, impl if moe else "-", seq, args.batch, variant)
 
     def build():
         with torch.device(device):
             encoder = WideNetModel(config).encoder.to(torch.bfloat16).train()
-        if args.compile:
-            compile_model(encoder)
+        apply_compile(encoder, variant)
         x = torch.randn(args.batch, seq, config.hidden_size, device=device, dtype=torch.bfloat16)
         mask = None if args.no_attention_mask else torch.ones(args.batch, seq, dtype=torch.long, device=device)
         routes: list = []
 
-        def step():
+        def step(mark=_no_mark):
             y, routing = encoder(x, mask)
             loss = y.float().square().mean()
             if routing:
@@ -346,7 +423,9 @@ def bench_stack(measure: Measure, name: str, impl: str, seq: int) -> Row:
                 counts = torch.stack([r.expert_counts for r in routing])
                 routes.append((kept_routes(counts, torch.stack([r.dropped_fraction for r in routing])),
                                len(routing)))
+            mark("forward")
             loss.backward()
+            mark("backward")
             encoder.zero_grad(set_to_none=True)
 
         return step, lambda kept: forward_flops(config, args.batch, seq, kept, encoder_only=True), routes
@@ -355,47 +434,55 @@ def bench_stack(measure: Measure, name: str, impl: str, seq: int) -> Row:
 
 
 def parity_check(args: argparse.Namespace, device: torch.device, preset: str = "widenet-base-e4") -> dict[str, Any]:
-    """Fast vs reference MoE path on this device: same weights, inputs and router noise, fp32 (TF32 off),
-    one training forward + backward. Reports the largest differences (expected: rounding only)."""
+    """Each fast MoE impl vs the reference on this device: same weights, inputs and router noise, fp32
+    (TF32 off), one training forward + backward. Reports the largest differences (expected: rounding)."""
+    batch, seq = (2, 16) if args.smoke else (4, 128)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    runs, report = {}, {"preset": preset, "batch": batch, "seq": seq, "dtype": "float32"}
     try:
-        batch, seq = (2, 16) if args.smoke else (4, 128)
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        runs = {}
-        for impl in MOE_IMPLS:
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = WideNetForPreTraining(model_config(preset, args, impl)).train()
-            inputs = make_batch(model.config.vocab_size, batch, seq, device, mask=True)
-            torch.manual_seed(1)
-            out = model(**inputs)
-            out.loss.backward()
-            runs[impl] = (out, {n: p.grad for n, p in model.named_parameters()})
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        (fast, fast_grads), (ref, ref_grads) = runs["batched"], runs["deepspeed"]
-        norms = {n: g.norm().item() for n, g in ref_grads.items() if g is not None}
-        # Gradients that are zero in exact arithmetic (the attention key bias: softmax ignores it) are
-        # rounding noise of ~1e-8 in both paths; compare the others.
-        floor = 1e-5 * max(norms.values())
-        diffs = {n: (fast_grads[n] - ref_grads[n]).norm().item() / v for n, v in norms.items() if v > floor}
-        worst = max(diffs, key=diffs.get)
-        return {"preset": preset, "batch": batch, "seq": seq, "dtype": "float32",
-                "max_abs_logit_diff": (fast.prediction_logits - ref.prediction_logits).abs().max().item(),
-                "loss_diff": abs(fast.loss.item() - ref.loss.item()),
-                "expert_counts_equal": bool(torch.equal(fast.expert_counts, ref.expert_counts)),
-                "max_relative_grad_diff": diffs[worst], "worst_grad": worst,
-                "grads_compared": f"{len(diffs)} of {len(norms)} (norm > 1e-5 x the largest)"}
-    except Exception as err:  # noqa: BLE001 - reported, not fatal
-        traceback.print_exc()
-        return {"error": f"{type(err).__name__}: {err}"[:500]}
+        for impl in ("deepspeed", *(i for i in MOE_IMPLS if i != "deepspeed")):
+            try:
+                torch.manual_seed(0)
+                with torch.device(device):
+                    model = WideNetForPreTraining(model_config(preset, args, impl)).train()
+                inputs = make_batch(model.config.vocab_size, batch, seq, device, mask=True)
+                torch.manual_seed(1)
+                out = model(**inputs)
+                out.loss.backward()
+                runs[impl] = (out, {n: p.grad for n, p in model.named_parameters()})
+            except Exception as err:  # noqa: BLE001 - reported, not fatal
+                traceback.print_exc()
+                report[impl] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        if "deepspeed" in runs:
+            for impl in runs.keys() - {"deepspeed"}:
+                report[impl] = _parity(runs[impl], runs["deepspeed"])
+        return report
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        runs.clear()
         _free(device)
+
+
+def _parity(fast_run, ref_run) -> dict[str, Any]:
+    (fast, fast_grads), (ref, ref_grads) = fast_run, ref_run
+    norms = {n: g.norm().item() for n, g in ref_grads.items() if g is not None}
+    # Gradients that are zero in exact arithmetic (the attention key bias: softmax ignores it) are
+    # rounding noise of ~1e-8 in both paths; compare the others.
+    floor = 1e-5 * max(norms.values())
+    diffs = {n: (fast_grads[n] - ref_grads[n]).norm().item() / v for n, v in norms.items() if v > floor}
+    worst = max(diffs, key=diffs.get)
+    return {"max_abs_logit_diff": (fast.prediction_logits - ref.prediction_logits).abs().max().item(),
+            "loss_diff": abs(fast.loss.item() - ref.loss.item()),
+            "expert_counts_equal": bool(torch.equal(fast.expert_counts, ref.expert_counts)),
+            "max_relative_grad_diff": diffs[worst], "worst_grad": worst,
+            "grads_compared": f"{len(diffs)} of {len(norms)} (norm > 1e-5 x the largest)"}
 
 
 # ----------------------------------------------------------------------------- output
 
 def _slug(row: Row) -> str:
-    return f"{row.table}_{row.model}_{row.impl}_s{row.seq}".replace("-", "_")
+    return f"{row.table}_{row.model}_{row.impl}_s{row.seq}_{row.compile}".replace("-", "_").replace(":", "_")
 
 
 def _free(device: torch.device) -> None:
@@ -412,15 +499,19 @@ def _fmt(value: Any, spec: str) -> str:
 def _print_row(row: Row) -> None:
     status = f"ERROR {row.error}" if row.error else (f"{_fmt(row.ms_per_step, '.2f')} ms  "
                                                       f"MFU {_fmt(row.mfu, '.1%')}")
-    print(f"[bench] {row.table:5s} {row.model:16s} {row.impl:9s} seq {row.seq:4d}: {status}", flush=True)
+    phases = "" if not row.phases else "  " + ", ".join(
+        f"{k} {v['host_ms']:.1f}/{v['total_ms']:.1f}" for k, v in row.phases.items()) + " ms host/total"
+    print(f"[bench] {row.table:5s} {row.model:16s} {row.impl:9s} {row.compile:14s} zero {row.zero:6s} seq {row.seq:4d}: "
+          f"{status}{phases}",
+          flush=True)
 
 
 def set_relative_costs(rows: list[Row]) -> None:
     """Stack rows: time per model FLOP relative to the dense stack at the same sequence length."""
-    dense = {r.seq: r for r in rows if r.table == "stack" and r.model == "dense" and r.mfu}
+    dense = {(r.seq, r.compile): r for r in rows if r.table == "stack" and r.model == "dense" and r.mfu}
     for r in rows:
-        if r.table == "stack" and r.mfu and r.seq in dense:
-            r.time_per_flop_vs_dense = dense[r.seq].mfu / r.mfu
+        if r.table == "stack" and r.mfu and (r.seq, r.compile) in dense:
+            r.time_per_flop_vs_dense = dense[r.seq, r.compile].mfu / r.mfu
 
 
 def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
@@ -429,9 +520,9 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
              f"{meta['transformers']}; batch {meta['args']['batch']}, bf16, ceiling {meta['ceiling_tflops']:.3g} "
              f"TFLOP/s (bf16 {meta['args']['matmul_n']}^3 matmul); median of {meta['args']['steps']} steps after "
              f"{meta['args']['warmup']}; attention mask {'none' if meta['args']['no_attention_mask'] else 'all ones'}"
-             f"{'; compiled' if meta['args']['compile'] else ''}.", "",
+             ".", "",
              f"Fast vs reference MoE path, same weights and inputs (fp32): {meta.get('parity')}", ""]
-    head = ("| model | MoE impl | seq | ms / step | tokens / s | model TFLOP / step | MFU | peak GiB "
+    head = ("| model | MoE impl | compile | ZeRO | seq | ms / step | tokens / s | model TFLOP / step | MFU | peak GiB "
             "| kept routes / token |")
     for table, title in (("train", "Full training step (DeepSpeed engine, AdamW)"),
                          ("hf", "Hugging Face AlbertForPreTraining (sdpa, torch AdamW)"),
@@ -442,14 +533,24 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         extra = " time / FLOP vs dense |" if table == "stack" else ""
         lines += [f"## {title}", "", head + extra, "|---" * (head.count("|") - 1 + bool(extra)) + "|"]
         for r in chosen:
-            cells = [r.model, r.impl, str(r.seq), _fmt(r.ms_per_step, ".2f"), _fmt(r.tokens_per_s, ",.0f"),
+            cells = [r.model, r.impl, r.compile, r.zero, str(r.seq), _fmt(r.ms_per_step, ".2f"), _fmt(r.tokens_per_s, ",.0f"),
                      _fmt(r.model_tflop_per_step, ".3f"), _fmt(r.mfu, ".1%"), _fmt(r.peak_mem_gib, ".2f"),
                      _fmt(r.kept_routes_per_token, ".3f")]
             if table == "stack":
                 cells.append(_fmt(r.time_per_flop_vs_dense, ".2f"))
             if r.error:
-                cells[3] = f"error: {r.error[:80]}"
+                cells[5] = f"error: {r.error[:80]}"
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    timed = [r for r in rows if r.phases]
+    if timed:
+        lines += ["## Phases (--breakdown): ms until queued on the host / until done on the GPU, sync after each", "",
+                  "| table | model | MoE impl | compile | ZeRO | seq | forward | backward | optimizer |", "|---" * 9 + "|"]
+        for r in timed:
+            cells = [f"{r.phases[k]['host_ms']:.1f} / {r.phases[k]['total_ms']:.1f}" if k in r.phases else "-"
+                     for k in ("forward", "backward", "optimizer")]
+            lines.append(f"| {r.table} | {r.model} | {r.impl} | {r.compile} | {r.zero} | {r.seq} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -504,13 +605,17 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Callable[[Measure], Row]]]
             for preset in args.presets:
                 moe = WideNetConfig.from_preset(preset).num_experts > 1
                 for impl in args.impls if moe else args.impls[:1]:
-                    jobs.append(("train", lambda m, p=preset, i=impl, s=seq: bench_widenet(m, p, i, s)))
+                    for v, z in ((v, z) for v in args.compile for z in args.zero):
+                        jobs.append(("train", lambda m, p=preset, i=impl, s=seq, v=v, z=z:
+                                     bench_widenet(m, p, i, s, v, z)))
         if "hf" in args.tables:
-            jobs.append(("hf", lambda m, s=seq: bench_hf_albert(m, s)))
+            for v in (v for v in args.compile if v == "none" or v.startswith("model")):  # HF: eager or whole
+                jobs.append(("hf", lambda m, s=seq, v=v: bench_hf_albert(m, s, v)))
         if "stack" in args.tables:
             for name in args.stacks:
                 for impl in args.impls if STACKS[name]["num_experts"] > 1 else args.impls[:1]:
-                    jobs.append(("stack", lambda m, n=name, i=impl, s=seq: bench_stack(m, n, i, s)))
+                    for v in args.compile:
+                        jobs.append(("stack", lambda m, n=name, i=impl, s=seq, v=v: bench_stack(m, n, i, s, v)))
     return jobs
 
 

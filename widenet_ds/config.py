@@ -21,7 +21,7 @@ from transformers import PreTrainedConfig
 
 NOISE_POLICIES = ("gaussian", "jitter", "rsample", "none")
 ACTIVATIONS = ("gelu_new", "gelu", "relu")
-MOE_IMPLS = ("batched", "deepspeed")
+MOE_IMPLS = ("batched", "grouped", "deepspeed")
 
 
 class ConfigError(ValueError):
@@ -49,8 +49,10 @@ class MoESettings:
     ep_size: int = 1  # expert-parallel world: ranks that split the experts between them
     aux_loss_coef: float = 0.01  # lambda: weight of the load-balance loss (mean over routing calls)
     # How the MoE computes (same parameters, same results): "batched" runs the local experts as one
-    # batched matmul and routes without host syncs; "deepspeed" is DeepSpeed's expert loop and the
-    # reference router. A run-time setting, not architecture: checkpoints load under either.
+    # batched matmul over all E x C capacity slots and routes without host syncs; "grouped" packs the
+    # kept routes and runs grouped matmuls over them only (ep_size 1; batched with expert parallelism);
+    # "deepspeed" is DeepSpeed's expert loop and the reference router. A run-time setting, not
+    # architecture: checkpoints load under any.
     impl: str = "batched"
 
     @classmethod

@@ -13,15 +13,20 @@ What is faster, and why (measured on an H200, bf16, 12 shared blocks, seq 512, b
 - ``GatherMOELayer``: dispatch and combine are gathers in both directions. DeepSpeed's
   ``index_select`` dispatch has an atomic scatter-add backward in which every empty slot and
   every dropped route adds into one shared padding row (~0.3 ms per call).
+- ``grouped`` (ep_size 1): the kept routes are packed expert after expert, each expert's group
+  padded to a multiple of 16 rows, and the experts run as grouped matmuls
+  (``torch._grouped_mm``) over the packed rows only, instead of over all E*C capacity slots
+  (with C = 1.2 and an untrained router, ~1/3 of those slots are empty).
 
 Shape suffixes: S tokens, M model width, E experts (global), L local experts, G expert-parallel
-ranks, C capacity, K routes per token, X = E*C expert slots, N = G*C tokens per local expert,
-I expert inner width.
+ranks, C capacity, K routes per token, X = E*C expert slots (or the packed rows), N = G*C tokens per
+local expert, I expert inner width.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
 from deepspeed.utils import groups
@@ -79,6 +84,35 @@ class BatchedExperts(Experts):
         y_LNM = _ExpertLinear.apply(h_LNI, stacked("ffn_output", "weight"), stacked("ffn_output", "bias"))
         return y_LNM.view(L, G, C, M).transpose(0, 1)
 
+    def forward_grouped(self, x_XM: Tensor, end_E: Tensor, expert_X: Tensor) -> Tensor:
+        """Packed rows (X, M) -> (X, M): rows ``[end_E[e-1], end_E[e])`` go through expert e (all experts
+        local). ``expert_X`` is each row's expert, E past the last group. Rows past the last group
+        come back undefined (``_grouped_mm`` leaves them); their gradients must be zero, and none of
+        their values reaches a parameter gradient (masked before the first bias)."""
+        experts = self.deepspeed_experts
+        E = len(experts)
+
+        def stacked(layer: str, name: str) -> Tensor:
+            return torch.stack([getattr(getattr(e, layer), name) for e in experts])
+
+        # Biases as (X, E) one-hot @ (E, out): the bias gradient is a matmul, not E-way atomic adds.
+        onehot_XE = F.one_hot(expert_X, E + 1)[:, :E].to(x_XM.dtype)
+        in_group_X1 = (expert_X < E)[:, None]
+        h_XI = _grouped_matmul(x_XM, stacked("ffn", "weight").transpose(1, 2), end_E, onehot_XE)
+        h_XI = torch.where(in_group_X1, torch.addmm(h_XI, onehot_XE, stacked("ffn", "bias")), 0.0)
+        h_XI = experts[0].act(h_XI)
+        y_XM = _grouped_matmul(h_XI, stacked("ffn_output", "weight").transpose(1, 2), end_E, onehot_XE)
+        return torch.addmm(y_XM, onehot_XE, stacked("ffn_output", "bias"))
+
+
+def _grouped_matmul(x_XI: Tensor, w_EIO: Tensor, end_E: Tensor, onehot_XE: Tensor) -> Tensor:
+    """Row group e of ``x_XI`` times ``w_EIO[e]``. ``torch._grouped_mm`` takes bf16 (compiled, and on
+    CUDA); other dtypes (fp32 checks) compute every expert on every row and keep each row's own
+    (E times the work; rows past the last group come back 0)."""
+    if x_XI.dtype == torch.bfloat16:
+        return torch._grouped_mm(x_XI, w_EIO, offs=end_E)
+    return torch.einsum("xe,exo->xo", onehot_XE, torch.matmul(x_XI, w_EIO))
+
 
 def _rows(t_RM: Tensor, index: Tensor) -> Tensor:
     """Rows of ``t_RM`` by ``index``; index R (one past the end) reads a row of zeros."""
@@ -129,27 +163,62 @@ def route_maps(indices_KS: Tensor, locations_KS: Tensor, gates_KS: Tensor, num_e
     Returns ``slot_KS`` (each route's slot ``e * C + location``, X for a dropped route),
     ``source_X`` (each slot's token, S for an empty slot) and ``gate_X`` (each slot's gate, 0 if empty).
     """
-    K, S = indices_KS.shape
     X = num_experts * capacity
     slot_KS = torch.where(indices_KS >= 0, indices_KS.long() * capacity + locations_KS.long(), X)
+    return (slot_KS, *slot_maps(slot_KS, gates_KS, X))
+
+
+GROUP_ALIGN = 16  # rows; the grouped matmul's weight-gradient (ragged K) wants aligned group starts
+
+
+def packed_slots(indices_KS: Tensor, locations_KS: Tensor, kept_E: Tensor,
+                 capacity: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Packed rows for the kept routes, expert after expert, each expert's group padded to
+    ``GROUP_ALIGN`` rows; no host synchronisation (the row count is a bound known on the host).
+
+    A kept route's location is its rank among its expert's kept routes (0 .. kept_e - 1), so its row
+    is the start of its expert's group plus its location. Returns ``slot_KS`` (X for a dropped
+    route), ``end_E`` (int32 group ends, ``_grouped_mm``'s offsets), ``expert_X`` (each row's expert,
+    E past the last group) and X, the number of rows.
+    """
+    K, S = indices_KS.shape
+    E = kept_E.shape[0]
+    X = -(-(min(E * capacity, K * S) + (GROUP_ALIGN - 1) * E) // GROUP_ALIGN) * GROUP_ALIGN
+    rows_E = (kept_E + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+    end_E = rows_E.cumsum(0)
+    start_E = end_E - rows_E
+    expert = indices_KS.long().clamp(min=0)
+    slot_KS = torch.where(indices_KS >= 0, start_E[expert] + locations_KS.long(), X)
+    expert_X = torch.searchsorted(end_E, torch.arange(X, device=end_E.device), right=True)
+    return slot_KS, end_E.to(torch.int32), expert_X, X
+
+
+def slot_maps(slot_KS: Tensor, gates_KS: Tensor, num_slots: int) -> tuple[Tensor, Tensor]:
+    """``source_X`` (each slot's token, S for an empty slot) and ``gate_X`` (each slot's gate, 0 if
+    empty) of ``num_slots`` slots, from each route's slot (``num_slots`` for a dropped route)."""
+    K, S = slot_KS.shape
+    X = num_slots
     tokens_KS = torch.arange(S, device=slot_KS.device).expand(K, S)
     # Dropped routes all write the extra slot X, which is cut off: no other slot is written twice.
     source_X = torch.full((X + 1,), S, dtype=torch.long, device=slot_KS.device)
     source_X.scatter_(0, slot_KS.reshape(-1), tokens_KS.reshape(-1))
     gate_X = gates_KS.detach().new_zeros(X + 1).scatter_(0, slot_KS.reshape(-1), gates_KS.detach().reshape(-1))
-    return slot_KS, source_X[:X], gate_X[:X]
+    return source_X[:X], gate_X[:X]
 
 
 class GatherMOELayer(MOELayer):
     """DeepSpeed's ``MOELayer`` with gather-only dispatch and combine (same gate, experts, groups and
     all-to-all). Falls back to DeepSpeed's forward when ``fast`` is off and for what the fast
-    forward does not cover: Tutel, tensor-parallel experts (``groups.mpu``), wall-clock timers."""
+    forward does not cover: Tutel, tensor-parallel experts (``groups.mpu``), wall-clock timers.
+    ``grouped`` packs the kept routes and runs grouped matmuls (ep_size 1; with expert parallelism
+    the all-to-all needs the fixed E x C slot layout, so the layer uses the batched experts)."""
 
     def __init__(self, layer: MOELayer):
         super().__init__(layer.gate, layer.experts, layer.ep_group_name, layer.ep_size, layer.num_local_experts,
                          use_tutel=layer.use_tutel)
         self.ep_group = layer.ep_group
         self.fast = True
+        self.grouped = False
 
     def forward(self, *input: Tensor, **kwargs) -> Tensor:
         if not self.fast or self.use_tutel or groups.mpu is not None or self.wall_clock_breakdown:
@@ -159,6 +228,11 @@ class GatherMOELayer(MOELayer):
         S, M = x_SM.shape
         self.l_aux, C, E, indices_KS, locations_KS, gates_KS, self.exp_counts = self.gate(x_SM, input[1], True, False)
         C = int(C)  # a host tensor from WideNetGate when the capacity is known: no wait on the GPU
+        if self.grouped and self.ep_size == 1:
+            slot_KS, end_E, expert_X, X = packed_slots(indices_KS, locations_KS, self.exp_counts[1], C)
+            source_X, gate_X = slot_maps(slot_KS, gates_KS, X)
+            out_XM = self.experts.forward_grouped(_Dispatch.apply(x_SM, slot_KS, source_X), end_E, expert_X)
+            return _Combine.apply(out_XM, gates_KS, slot_KS, source_X, gate_X).reshape(x.shape)
         slot_KS, source_X, gate_X = route_maps(indices_KS, locations_KS, gates_KS, E, C)
         slots_XM = _Dispatch.apply(x_SM, slot_KS, source_X)
         slots_XM = _AllToAll.apply(self.ep_group, slots_XM) if self.ep_size > 1 else slots_XM

@@ -122,10 +122,12 @@ class MoEFeedForward(nn.Module):
 
     def use_impl(self, impl: str) -> None:
         """'batched' (sync-free router, gather dispatch/combine, batched experts; widenet_ds/modeling/
-        fast_moe.py) or 'deepspeed' (the reference router in DeepSpeed's MOELayer and expert loop).
-        Both compute the same function of the same parameters."""
-        fast = impl == "batched"
+        fast_moe.py), 'grouped' (the same, with the kept routes packed into grouped matmuls; ep_size 1,
+        else batched) or 'deepspeed' (the reference router in DeepSpeed's MOELayer and expert loop).
+        All compute the same function of the same parameters."""
+        fast = impl in ("batched", "grouped")
         self.gate.fast_routing = self.moe.deepspeed_moe.fast = self.experts.batched = fast
+        self.moe.deepspeed_moe.grouped = impl == "grouped"
 
     def apply_settings(self, settings: MoESettings) -> None:
         """Change capacity, dropping, impl and lambda at run time (ep_size is fixed at build time)."""

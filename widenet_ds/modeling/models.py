@@ -17,7 +17,8 @@ from transformers.utils import ModelOutput
 
 from ..config import MoESettings, WideNetConfig
 from .fast_moe import BatchedExperts, GatherMOELayer
-from .layers import ACTIVATION_FNS, Attention, Embeddings, Encoder, FeedForward, MoEFeedForward, RoutingStats
+from .layers import (ACTIVATION_FNS, Attention, Block, Embeddings, Encoder, FeedForward, MoEFeedForward,
+                     RoutingStats)
 
 
 def combine_aux_loss(routing: list[RoutingStats], coef: float) -> Tensor | None:
@@ -238,18 +239,36 @@ class WideNetForSequenceClassification(WideNetPreTrainedModel):
             expert_counts=out.expert_counts, dropped_fraction=out.dropped_fraction)
 
 
-def compile_model(model: nn.Module, **options) -> nn.Module:
-    """``torch.compile`` (with ``options``) the parts of a WideNet that compile whole, in place.
+COMPILE_SCOPES = ("model", "blocks", "parts")
 
-    Embeddings, attention, dense FFNs, the MLM head and the MoE layer (fast path: routing,
-    dispatch, batched experts, combine) are compiled with ``nn.Module.compile``, so parameter
-    and state-dict names do not change. An MoE layer with expert parallelism (all-to-all) keeps
-    its layer eager and compiles its batched experts only. Off unless called; returns ``model``.
+
+def compile_model(model: nn.Module, scope: str = "model", **options) -> nn.Module:
+    """``torch.compile`` (with ``options``) a WideNet model or encoder in place; returns it.
+
+    Scopes, largest first (all keep parameter and state-dict names):
+
+    - ``model``: ``model`` as one graph (forward and backward each one compiled region; the fewest
+      host operations per step). Needs every MoE layer at ep_size 1 (no all-to-all in the graph).
+    - ``blocks``: every ``Block`` call (LayerNorms, shared attention, MoE or FFN, residuals) as
+      one graph; the embeddings and the heads on their own. Same need.
+    - ``parts``: embeddings, attention, dense FFNs, the MLM head and the MoE layer separately;
+      with expert parallelism the MoE layer stays eager and only its batched experts compile.
+
+    ``model`` and ``blocks`` fall back to ``parts`` when an MoE layer has ep_size > 1.
     Compiled router noise draws other random numbers than eager (same distribution).
     """
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope {scope!r}: choose one of {', '.join(COMPILE_SCOPES)}")
+    expert_parallel = any(isinstance(m, GatherMOELayer) and m.ep_size > 1 for m in model.modules())
+    if scope == "model" and not expert_parallel:
+        model.compile(**options)
+        return model
     for module in model.modules():
-        if isinstance(module, GatherMOELayer) and module.ep_size == 1:
+        if scope == "blocks" and not expert_parallel and isinstance(module, (Block, Embeddings, MLMHead)):
             module.compile(**options)
-        elif isinstance(module, (Embeddings, Attention, FeedForward, BatchedExperts, MLMHead)):
-            module.compile(**options)
+        elif scope == "parts" or expert_parallel:
+            if isinstance(module, GatherMOELayer) and module.ep_size == 1:
+                module.compile(**options)
+            elif isinstance(module, (Embeddings, Attention, FeedForward, BatchedExperts, MLMHead)):
+                module.compile(**options)
     return model
