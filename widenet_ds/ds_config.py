@@ -165,8 +165,9 @@ def _check_optimizer(block: Any, engine: dict[str, Any], problems: list[str]) ->
         problems.append(f"optimizer.params: unknown key(s) {unknown} (known: lr, betas, eps, weight_decay)")
     zero = engine.get("zero_optimization", {}).get("stage", 0)
     if block["type"] == "Lamb" and zero > 0 and not engine.get("zero_allow_untested_optimizer", False):
-        problems.append("optimizer Lamb under ZeRO needs \"zero_allow_untested_optimizer\": true; note that ZeRO "
-                        "then computes LAMB's trust ratio per partition, not per layer (use ZeRO 0 for per-layer)")
+        problems.append("optimizer Lamb under ZeRO needs \"zero_allow_untested_optimizer\": true (DeepSpeed's "
+                        "switch for optimizers it does not ship; the project's Lamb keeps a trust ratio per "
+                        "tensor on ZeRO partitions)")
     return {"type": block["type"], "params": dict(params)}
 
 

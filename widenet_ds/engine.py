@@ -28,14 +28,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, spec: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW (PyTorch's; fused on GPU) or LAMB (pytorch_optimizer's, trust ratio per tensor it sees:
-    per layer under ZeRO 0, per partition under ZeRO 1-2)."""
+    """AdamW (PyTorch's; fused on GPU) or LAMB (``widenet_ds.optim.Lamb``: trust ratio per parameter
+    tensor, also on the flat buffers and partitions of DeepSpeed's bf16 and ZeRO optimizers)."""
     params = dict(spec.get("params", {}))
     groups = param_groups(model, params.pop("weight_decay", 0.01))
     if "betas" in params:
         params["betas"] = tuple(params["betas"])
     if spec["type"] == "Lamb":
-        from pytorch_optimizer import Lamb
+        from .optim import Lamb
 
         return Lamb(groups, **params)
     return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **params)

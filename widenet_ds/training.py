@@ -65,7 +65,7 @@ def write_run_record(output_dir: Path, config: WideNetConfig, run: RunConfig, ar
     record = {"git": git_hash(), "args": {k: v for k, v in vars(args).items() if k != "deepspeed"},
               "world_size": run.world_size, "precision": run.precision, "zero_stage": run.zero_stage,
               "optimizer": run.optimizer["type"],
-              "lamb_trust_ratio": ("per partition (ZeRO)" if run.zero_stage else "per layer")
+              "lamb_trust_ratio": "per parameter tensor (widenet_ds.optim.Lamb)"
               if run.optimizer["type"] == "Lamb" else None}
     (output_dir / "run.json").write_text(json.dumps(record, indent=2))
 
