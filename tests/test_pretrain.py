@@ -155,6 +155,23 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):
         run(args + ["--resume", "auto", "--override", "num_experts=2"])
 
 
+def test_a_compiled_run_checkpoints_exports_and_resumes_eager(tmp_path):
+    """--compile model (inductor, here on CPU): same first loss as eager up to router noise (compiled
+    code draws other random numbers), checkpoints and export under the usual names, and an eager run
+    resumes from its checkpoint."""
+    args = COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--save_every", "2", "--eval_every", "0"]
+    _launch(args + ["--max_steps", "2", "--output_dir", str(tmp_path / "eager")])
+    compiled = tmp_path / "compiled"
+    result = _launch(args + ["--max_steps", "2", "--output_dir", str(compiled), "--compile", "model"], timeout=400)
+    assert "compiled the model (scope model)" in result.stdout + result.stderr
+    first = {name: _records(tmp_path / name)[0]["loss"] for name in ("eager", "compiled")}
+    assert first["compiled"] == pytest.approx(first["eager"], rel=2e-2)
+    _, info = WideNetForPreTraining.from_pretrained(compiled / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # no "_orig_mod." names
+    _launch(args + ["--max_steps", "3", "--output_dir", str(compiled), "--resume", "auto"])
+    assert [r["step"] for r in _records(compiled) if "loss" in r][-1] == 3
+
+
 def test_user_mistakes_are_refused_before_any_compute(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     with pytest.raises(CorpusError, match="nothing"):

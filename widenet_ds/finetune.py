@@ -44,8 +44,8 @@ from .glue import TaskSpec, collate, compute_metrics, encode, get_task, load_spl
 from .guards import NonFiniteGuard
 from .metrics_log import MetricsWriter, get_logger, is_main_process
 from .modeling import WideNetForSequenceClassification
-from .training import (REPO_ROOT, MetricWindow, add_launcher_arguments, parse_overrides,
-                       train_step, write_run_record)
+from .training import (REPO_ROOT, MetricWindow, add_compile_argument, add_launcher_arguments, compile_if_asked,
+                       parse_overrides, train_step, write_run_record)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                        help="a model-config field, e.g. hidden_dropout_prob=0.1 or (upcycling) num_experts=8")
     model.add_argument("--model_label", help="the model's name in result tables (default: --model_name_or_path)")
+    add_compile_argument(model)
     run = p.add_argument_group("run")
     run.add_argument("--output_dir", help="default: runs/glue/<task>")
     run.add_argument("--max_steps", type=int, help="optimizer steps (default: the JSON's total_num_steps)")
@@ -207,7 +208,8 @@ def setup(args: argparse.Namespace) -> Job:
     init_distributed()
     set_seed(args.seed)
     job = Job(args, task, run, config, output_dir, tokenizer, max_steps, features, indices)
-    job.engine, _, _ = initialize_engine(build_model(start, config, run, args.seed), run)
+    model = compile_if_asked(build_model(start, config, run, args.seed), args.compile)
+    job.engine, _, _ = initialize_engine(model, run)
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
     job.metrics = MetricsWriter(output_dir)

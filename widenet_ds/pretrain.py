@@ -24,8 +24,8 @@ from .ds_config import RunConfig, load_run_config
 from .guards import NonFiniteGuard
 from .metrics_log import MetricsWriter, get_logger, is_main_process
 from .modeling import WideNetForPreTraining
-from .training import (REPO_ROOT, MetricWindow, add_launcher_arguments, parse_overrides,
-                       train_step, write_run_record)
+from .training import (REPO_ROOT, MetricWindow, add_compile_argument, add_launcher_arguments, compile_if_asked,
+                       parse_overrides, train_step, write_run_record)
 
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                        help="change one model-config field, e.g. --override num_experts=8 (repeatable)")
     model.add_argument("--activation_checkpointing", action="store_true", help="non-reentrant, per block")
+    add_compile_argument(model)
     run = p.add_argument_group("run")
     run.add_argument("--output_dir", default="runs/pretrain")
     run.add_argument("--max_steps", type=int, default=200, help="optimizer steps")
@@ -109,6 +110,7 @@ def setup(args: argparse.Namespace) -> Job:
     model = WideNetForPreTraining(config)
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    compile_if_asked(model, args.compile)
     from .engine import initialize_engine
 
     job = Job(args, run, config, output_dir, data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from .guards import NonFiniteGuard
 from .ds_config import RunConfig
 from .metrics_log import is_main_process
 
+log = logging.getLogger(__name__)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Output fields averaged over a log window, when the model's output has them.
 _WINDOW_FIELDS = ("loss", "mlm_loss", "sop_loss", "task_loss", "aux_loss", "expert_counts", "dropped_fraction")
@@ -29,6 +32,25 @@ def add_launcher_arguments(parser: argparse.ArgumentParser, group) -> None:
 
     group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     deepspeed.add_config_arguments(parser)
+
+
+def add_compile_argument(group) -> None:
+    """``--compile SCOPE``: ``torch.compile`` the model (widenet_ds.modeling.compile_model)."""
+    from .modeling import COMPILE_SCOPES
+
+    group.add_argument("--compile", default="none", choices=("none", *COMPILE_SCOPES),
+                       help="torch.compile the model: 'model' (one graph; on a GPU the fastest, see "
+                            "benchmarks/README.md), 'blocks', 'parts' or 'none'. The first steps compile "
+                            "(about a minute); parameter and checkpoint names do not change")
+
+
+def compile_if_asked(model: torch.nn.Module, scope: str) -> torch.nn.Module:
+    if scope != "none":
+        from .modeling import compile_model
+
+        compile_model(model, scope)
+        log.info("compiled the model (scope %s): the first steps are slow", scope)
+    return model
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
