@@ -248,27 +248,24 @@ def compile_model(model: nn.Module, scope: str = "model", **options) -> nn.Modul
     Scopes, largest first (all keep parameter and state-dict names):
 
     - ``model``: ``model`` as one graph (forward and backward each one compiled region; the fewest
-      host operations per step). Needs every MoE layer at ep_size 1 (no all-to-all in the graph).
+      host operations per step). With expert parallelism the graph breaks where the ranks agree
+      on the capacity (a host value), once per MoE call; the all-to-alls compile.
     - ``blocks``: every ``Block`` call (LayerNorms, shared attention, MoE or FFN, residuals) as
-      one graph; the embeddings and the heads on their own. Same need.
+      one graph; the embeddings and the MLM head on their own.
     - ``parts``: embeddings, attention, dense FFNs, the MLM head and the MoE layer separately;
       with expert parallelism the MoE layer stays eager and only its batched experts compile.
 
-    ``model`` and ``blocks`` fall back to ``parts`` when an MoE layer has ep_size > 1.
-    Compiled router noise draws other random numbers than eager (same distribution).
+    Compiled router noise and dropout draw other random numbers than eager (same distributions).
     """
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope {scope!r}: choose one of {', '.join(COMPILE_SCOPES)}")
-    expert_parallel = any(isinstance(m, GatherMOELayer) and m.ep_size > 1 for m in model.modules())
-    if scope == "model" and not expert_parallel:
+    if scope == "model":
         model.compile(**options)
         return model
+    kinds = (Block, Embeddings, MLMHead) if scope == "blocks" else (Embeddings, Attention, FeedForward,
+                                                                     BatchedExperts, MLMHead)
     for module in model.modules():
-        if scope == "blocks" and not expert_parallel and isinstance(module, (Block, Embeddings, MLMHead)):
+        if isinstance(module, kinds) or scope == "parts" and isinstance(module, GatherMOELayer) \
+                and module.ep_size == 1:
             module.compile(**options)
-        elif scope == "parts" or expert_parallel:
-            if isinstance(module, GatherMOELayer) and module.ep_size == 1:
-                module.compile(**options)
-            elif isinstance(module, (Embeddings, Attention, FeedForward, BatchedExperts, MLMHead)):
-                module.compile(**options)
     return model
