@@ -27,6 +27,7 @@ from widenet_ds import WideNetConfig, WideNetForPreTraining  # noqa: E402
 from widenet_ds.distributed import close_distributed, init_distributed  # noqa: E402
 from widenet_ds.ds_config import check_run_config  # noqa: E402
 from widenet_ds.engine import initialize_engine  # noqa: E402
+from widenet_ds.modeling import compile_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,7 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="sequences per rank per step")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--zero_stage", type=int, default=1)
+    p.add_argument("--zero", default="1", choices=("0", "1", "2", "1:fp32"),
+                   help="ZeRO stage; '1:fp32' accumulates gradients in fp32 (DeepSpeed's BF16_Optimizer)")
+    p.add_argument("--impl", default="batched", choices=("batched", "grouped", "deepspeed"),
+                   help="moe.impl (grouped needs ep_size 1; at ep_size > 1 it runs batched)")
+    p.add_argument("--compile", default="none", choices=("none", "model", "blocks", "parts"),
+                   help="widenet_ds.modeling.compile_model scope")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="debug preset on CPU, 2 steps")
     p.add_argument("--local_rank", type=int, default=-1)
@@ -48,19 +54,25 @@ def main(args: argparse.Namespace) -> None:
     init_distributed()
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     cuda = torch.cuda.is_available()
-    moe = {"capacity_factor": 1.2, "eval_capacity_factor": 1.2, "ep_size": args.ep_size}
+    moe = {"capacity_factor": 1.2, "eval_capacity_factor": 1.2, "ep_size": args.ep_size, "impl": args.impl}
     preset = "debug" if args.smoke else args.preset
     config = WideNetConfig.from_preset(preset, moe=moe)
     seq = min(args.seq, config.max_position_embeddings)
-    zero = {"stage": args.zero_stage}
-    if args.zero_stage == 2:
+    stage, _, accumulate = args.zero.partition(":")
+    zero = {"stage": int(stage)}
+    if stage == "2":
         zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=True)
     raw = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "gradient_clipping": 1.0,
            "bf16": {"enabled": cuda}, "zero_optimization": zero, "steps_per_print": 10 ** 9, "moe": moe}
+    if accumulate:
+        raw["data_types"] = {"grad_accum_dtype": accumulate}
     run = check_run_config(raw, "benchmarks/bench_ep.py", world_size=world, cuda=cuda)
     torch.manual_seed(0)
-    engine, _, _ = initialize_engine(WideNetForPreTraining(config), run)
+    model = WideNetForPreTraining(config)
+    if args.compile != "none":
+        compile_model(model, args.compile)
+    engine, _, _ = initialize_engine(model, run)
     g = torch.Generator().manual_seed(rank)
     ids = torch.randint(5, config.vocab_size, (args.batch, seq), generator=g)
     labels = torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, -100)
@@ -88,7 +100,7 @@ def main(args: argparse.Namespace) -> None:
     ms = statistics.median(timed) * 1000
     if rank == 0:
         result = {"preset": preset, "world": world, "ep_size": args.ep_size, "seq": seq, "batch_per_rank": args.batch,
-                  "zero_stage": args.zero_stage, "ms_per_step": ms,
+                  "zero": args.zero, "impl": args.impl, "compile": args.compile, "ms_per_step": ms,
                   "tokens_per_s_per_gpu": args.batch * seq / (ms / 1000),
                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                   "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,

@@ -301,3 +301,15 @@ def test_benchmark_script_runs_on_cpu_in_smoke_mode(tmp_path):
         assert tuple(r["phases"]) == phases
         assert all(0 < v["host_ms"] <= v["total_ms"] for v in r["phases"].values())
     assert "## Phases (--breakdown)" in table
+
+
+def test_expert_parallel_benchmark_runs_on_two_cpu_ranks(tmp_path):
+    out = tmp_path / "ep2.json"
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+               "--master_port", str(29700 + os.getpid() % 1000), str(BENCH.parent / "bench_ep.py"), "--smoke", "--ep_size", "2", "--zero", "1:fp32", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert (record["world"], record["ep_size"], record["zero"]) == (2, 2, "1:fp32")
+    assert record["ms_per_step"] > 0 and record["tokens_per_s_per_gpu"] > 0
