@@ -12,6 +12,7 @@ from widenet_ds import WideNetConfig, WideNetForPreTraining
 from widenet_ds.distributed import close_distributed, free_port, init_distributed
 from widenet_ds.expert_sharding import local_expert_range, to_local_experts
 from widenet_ds.modeling import compile_model
+from widenet_ds.modeling import gate as gate_module
 
 WORLD = 2
 
@@ -100,7 +101,14 @@ def _check_fast_path_matches_reference_path(rank):
     fast.load_state_dict(ref.state_dict())
     batch = _batch(rank, fast.config)
     batch["attention_mask"][0, -3:] = 0
-    fast_out = _forward_backward(fast, batch, seed=5 + rank)
+    reduce = gate_module.dist.all_reduce
+    calls = []
+    gate_module.dist.all_reduce = lambda *a, **k: calls.append(1) or reduce(*a, **k)
+    try:
+        fast_out = _forward_backward(fast, batch, seed=5 + rank)
+    finally:
+        gate_module.dist.all_reduce = reduce
+    assert len(calls) == 1 < fast.config.num_hidden_layers, "the capacity is agreed once per forward"
     ref_out = _forward_backward(ref, batch, seed=5 + rank)
     assert (ref_out.dropped_fraction > 0).any(), "the case drops routes"
     torch.testing.assert_close(fast_out.prediction_logits, ref_out.prediction_logits, atol=1e-5, rtol=1e-5)

@@ -185,6 +185,20 @@ class WideNetGate(TopKGate):
         self.noise_std = noise_std
         self.normalize = normalize
         self.fast_routing = fast_routing
+        # (this rank's token count, the largest in the expert-parallel group), agreed once per
+        # forward by the encoder (agree_token_count); spares every routing call an all-reduce
+        self.group_tokens: tuple[int, int] | None = None
+
+    def agree_token_count(self, num_tokens: int, device: torch.device) -> None:
+        """With expert parallelism and token dropping, the ranks must use one capacity: the one of
+        the largest token count in the group. One all-reduce and one host read, for every routing
+        call of the forward that follows with this many tokens (instead of one per call)."""
+        if not (self.drop_tokens and pg_utils.is_parallel(self.ep_group)):
+            self.group_tokens = None
+            return
+        count = torch.tensor(num_tokens, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ep_group)
+        self.group_tokens = (num_tokens, int(count.item()))
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for this many tokens in the current mode; None when not dropping."""
@@ -207,5 +221,7 @@ class WideNetGate(TopKGate):
         elif noisy and self.noise == "rsample":
             select_SE = logits_SE + gumbel_rsample(logits_SE.shape, device=logits_SE.device)
         route = top_k_route_fast if self.fast_routing else top_k_route
-        return route(logits_SE, self.k, self.capacity(x_SD.shape[0]), used_token, self.normalize, select_SE,
-                     self.ep_group)
+        num_tokens, ep_group = x_SD.shape[0], self.ep_group
+        if self.fast_routing and self.drop_tokens and self.group_tokens and self.group_tokens[0] == num_tokens:
+            num_tokens, ep_group = self.group_tokens[1], None  # the group's capacity, agreed already
+        return route(logits_SE, self.k, self.capacity(num_tokens), used_token, self.normalize, select_SE, ep_group)

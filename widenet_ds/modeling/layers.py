@@ -196,8 +196,18 @@ class Encoder(nn.Module):
         pick = lambda modules: modules[i if len(modules) > 1 else 0]  # noqa: E731
         return pick(self.blocks), pick(self.attention), pick(self.ffn)
 
+    @torch.compiler.disable
+    def agree_token_counts(self, x_BTH: Tensor) -> None:
+        """Once per forward: the expert-parallel ranks agree on the largest token count, which sets
+        every routing call's capacity (WideNetGate.agree_token_count). A graph break when compiled."""
+        for ffn in self.ffn:
+            if isinstance(ffn, MoEFeedForward):
+                ffn.gate.agree_token_count(x_BTH.shape[0] * x_BTH.shape[1], x_BTH.device)
+
     def forward(self, x_BTH: Tensor, attention_mask_BT: Tensor | None = None) -> tuple[Tensor, list[RoutingStats]]:
         mask_B11T = None if attention_mask_BT is None else attention_mask_BT.bool()[:, None, None, :]
+        if any(isinstance(f, MoEFeedForward) and f.moe.ep_size > 1 and f.gate.drop_tokens for f in self.ffn):
+            self.agree_token_counts(x_BTH)
         routing: list[RoutingStats] = []
         for i in range(self.num_layers):
             block, attention, ffn = self.layer_modules(i)
