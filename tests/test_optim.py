@@ -179,3 +179,38 @@ def test_layers_cut_across_zero2_partitions_of_two_ranks_keep_their_trust_ratio(
     results = dict(queue.get() for _ in range(2))
     for ratios, count in results.values():
         _assert_layerwise(ratios, count, bf16=False)
+
+
+def test_lamb_state_survives_a_deepspeed_checkpoint(tmp_path):
+    """bf16, ZeRO 1 + fp32 accumulation (pretrain_1gpu.json's settings): two steps, save, then one more
+    step in the same engine and in a fresh engine that loaded the checkpoint: the same weights."""
+    from widenet_ds.ds_config import check_run_config
+    from widenet_ds.engine import initialize_engine
+
+    run = check_run_config(_lamb_config("bf16+fp32-accumulation", 1, 1e-2), "test", world_size=1)
+    config = WideNetConfig.from_preset("debug").with_moe_settings(run.moe)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 500, (4, 16), generator=g)
+    batch = dict(input_ids=ids, labels=torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100),
+                 sentence_order_label=torch.tensor([0, 1, 0, 1]))
+
+    def step(engine):
+        torch.manual_seed(5)  # router noise
+        engine.backward(engine(**batch).loss)
+        engine.step()
+
+    init_distributed()
+    try:
+        torch.manual_seed(0)
+        engine, _, _ = initialize_engine(WideNetForPreTraining(config), run)
+        step(engine), step(engine)
+        engine.save_checkpoint(str(tmp_path), tag="two")
+        step(engine)
+        torch.manual_seed(1)  # other initial weights: everything must come from the checkpoint
+        resumed, _, _ = initialize_engine(WideNetForPreTraining(config), run)
+        resumed.load_checkpoint(str(tmp_path), tag="two")
+        step(resumed)
+        for (name, a), b in zip(engine.module.named_parameters(), resumed.module.parameters()):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    finally:
+        close_distributed()
