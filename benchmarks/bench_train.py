@@ -3,14 +3,15 @@
 Three tables, one run (see benchmarks/README.md for the formula and the flags):
 
 - train: full training steps (forward, backward, optimizer step) under the DeepSpeed engine
-  (bf16, ZeRO 0, AdamW) for each preset x sequence length x MoE impl;
+  (bf16, AdamW) for each preset x sequence length x MoE impl x compile variant x ZeRO variant;
 - hf: Hugging Face ``AlbertForPreTraining`` (sdpa, bf16, plain torch AdamW) on the same shapes;
 - stack: the encoder stack alone (DESIGN.md section 4), MoE vs the shared dense stack,
   forward + backward, as time per model FLOP relative to the dense stack.
 
 MFU = model FLOPs per step / step time / the measured bf16 matmul ceiling (8192^3).
 
-    python benchmarks/bench_train.py                      # everything, both MoE impls
+    python benchmarks/bench_train.py                      # everything eager, every MoE impl
+    python benchmarks/bench_train.py --compile model --breakdown   # compiled, with phase times
     python benchmarks/bench_train.py --smoke              # CPU, debug shapes, 2 steps (the test)
 """
 

@@ -193,7 +193,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(1)
         model = WideNetForMaskedLM(config)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.set_activation_checkpointing(True)
         torch.manual_seed(2)
         model(**batch, labels=batch["input_ids"]).loss.backward()
         return {n: p.grad for n, p in model.named_parameters()}

@@ -109,7 +109,7 @@ def setup(args: argparse.Namespace) -> Job:
     torch.manual_seed(args.seed)
     model = WideNetForPreTraining(config)
     if args.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.set_activation_checkpointing(True)
     compile_if_asked(model, args.compile)
     from .engine import initialize_engine
 

@@ -86,6 +86,10 @@ class WideNetPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        """Hugging Face's hook (``gradient_checkpointing_enable`` and its successors) for ours."""
+        self.set_activation_checkpointing(enable)
+
+    def set_activation_checkpointing(self, enable: bool = True) -> None:
         """Non-reentrant checkpointing of every block (reentrant + ZeRO-2 + shared weights fails)."""
         for module in self.modules():
             if isinstance(module, Encoder):
