@@ -214,3 +214,18 @@ def test_lamb_state_survives_a_deepspeed_checkpoint(tmp_path):
             torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
     finally:
         close_distributed()
+
+
+def test_the_state_of_another_optimizer_is_refused_with_what_to_do():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    adamw = torch.optim.AdamW(params)
+    params[0].grad = torch.randn(3)
+    adamw.step()
+    lamb = Lamb(params)
+    with pytest.raises(ValueError, match="not written by widenet_ds.optim.Lamb.*resume with the optimizer that wrote it"):
+        lamb.load_state_dict(adamw.state_dict())
+    own = Lamb([torch.nn.Parameter(torch.randn(3))])
+    own.param_groups[0]["params"][0].grad = torch.randn(3)
+    own.step()
+    lamb.load_state_dict(own.state_dict())  # its own state loads
+    assert lamb.state[params[0]]["step"].item() == 1

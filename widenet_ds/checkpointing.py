@@ -198,7 +198,10 @@ def load_checkpoint(engine, path: Path, config: WideNetConfig) -> dict[str, Any]
     world = dist.get_world_size() if dist.is_initialized() else 1
     saved_ep, saved_world = _saved_layout(path)
     if (saved_ep, saved_world) == (config.moe_settings.ep_size, world):
-        engine.load_checkpoint(str(path.parent), tag=path.name)
+        try:
+            engine.load_checkpoint(str(path.parent), tag=path.name)
+        except ValueError as err:  # e.g. the optimizer state of another optimizer (widenet_ds.optim.Lamb)
+            raise CheckpointError(f"{path}: {err}") from err
         set_rng_state(torch.load(path / f"rng_rank{_rank()}.pt", weights_only=False))
         return marker["trainer_state"]
     log.warning("checkpoint %s was saved with ep_size %d on %d rank(s); this run has ep_size %d on %d: loading "
