@@ -29,6 +29,8 @@ from widenet_ds.ds_config import check_run_config  # noqa: E402
 from widenet_ds.engine import initialize_engine  # noqa: E402
 from widenet_ds.modeling import compile_model  # noqa: E402
 
+from bench_train import ZERO_VARIANTS, zero_settings  # noqa: E402  (this folder: the same ZeRO variants)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="sequences per rank per step")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--zero", default="1", choices=("0", "1", "2", "1:fp32"),
+    p.add_argument("--zero", default="1", choices=ZERO_VARIANTS,
                    help="ZeRO stage; '1:fp32' accumulates gradients in fp32 (DeepSpeed's BF16_Optimizer)")
     p.add_argument("--impl", default="batched", choices=("batched", "grouped", "deepspeed"),
                    help="moe.impl (grouped needs ep_size 1; at ep_size > 1 it runs batched)")
@@ -58,15 +60,9 @@ def main(args: argparse.Namespace) -> None:
     preset = "debug" if args.smoke else args.preset
     config = WideNetConfig.from_preset(preset, moe=moe)
     seq = min(args.seq, config.max_position_embeddings)
-    stage, _, accumulate = args.zero.partition(":")
-    zero = {"stage": int(stage)}
-    if stage == "2":
-        zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=True)
     raw = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "gradient_clipping": 1.0,
-           "bf16": {"enabled": cuda}, "zero_optimization": zero, "steps_per_print": 10 ** 9, "moe": moe}
-    if accumulate:
-        raw["data_types"] = {"grad_accum_dtype": accumulate}
+           "bf16": {"enabled": cuda}, "steps_per_print": 10 ** 9, "moe": moe, **zero_settings(args.zero)}
     run = check_run_config(raw, "benchmarks/bench_ep.py", world_size=world, cuda=cuda)
     torch.manual_seed(0)
     model = WideNetForPreTraining(config)

@@ -262,18 +262,24 @@ def model_config(preset: str, args: argparse.Namespace, impl: str, **overrides: 
     return WideNetConfig.from_preset(preset, **{**sizes, **overrides}, moe=moe)
 
 
+def zero_settings(variant: str) -> dict[str, Any]:
+    """DeepSpeed JSON keys of a ZeRO variant 'stage[:fp32]' (fp32: gradients accumulated in fp32)."""
+    stage, _, accumulate = variant.partition(":")
+    zero = {"stage": int(stage)}
+    if stage == "2":  # what widenet_ds.ds_config requires of ZeRO 2 with MoE
+        zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=True)
+    return {"zero_optimization": zero, **({"data_types": {"grad_accum_dtype": accumulate}} if accumulate else {})}
+
+
 def run_config(config: WideNetConfig, batch: int, device: torch.device, zero: str = "0"):
     """The DeepSpeed run config of the benchmark: bf16, ZeRO ``zero`` (stage[:fp32]), AdamW, clipping 1.0."""
-    stage, _, accumulate = zero.partition(":")
     raw = {
         "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-6,
                                                   "weight_decay": 0.01}},
-        "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": int(stage)},
-        "steps_per_print": 10 ** 9, "moe": config.moe,
+        "gradient_clipping": 1.0, "bf16": {"enabled": True}, "steps_per_print": 10 ** 9, "moe": config.moe,
+        **zero_settings(zero),
     }
-    if accumulate:
-        raw["data_types"] = {"grad_accum_dtype": accumulate}
     return check_run_config(raw, "benchmarks/bench_train.py", world_size=1, cuda=device.type == "cuda")
 
 

@@ -75,26 +75,24 @@ class BatchedExperts(Experts):
             return super().forward(inputs)
         G, L, C, M = inputs.shape
         x_LNM = inputs.transpose(0, 1).reshape(L, G * C, M)
-        experts = self.deepspeed_experts
-
-        def stacked(layer: str, name: str) -> Tensor:
-            return torch.stack([getattr(getattr(e, layer), name) for e in experts])
-
-        h_LNI = experts[0].act(_ExpertLinear.apply(x_LNM, stacked("ffn", "weight"), stacked("ffn", "bias")))
+        stacked = self._stacked
+        h_LNI = self.deepspeed_experts[0].act(_ExpertLinear.apply(x_LNM, stacked("ffn", "weight"),
+                                                                  stacked("ffn", "bias")))
         y_LNM = _ExpertLinear.apply(h_LNI, stacked("ffn_output", "weight"), stacked("ffn_output", "bias"))
         return y_LNM.view(L, G, C, M).transpose(0, 1)
+
+    def _stacked(self, layer: str, name: str) -> Tensor:
+        """One parameter of every local expert, stacked: (L, ...) (a copy per call; autograd hands each
+        expert's gradient back to its own Parameter)."""
+        return torch.stack([getattr(getattr(e, layer), name) for e in self.deepspeed_experts])
 
     def forward_grouped(self, x_XM: Tensor, end_E: Tensor, expert_X: Tensor) -> Tensor:
         """Packed rows (X, M) -> (X, M): rows ``[end_E[e-1], end_E[e])`` go through expert e (all experts
         local). ``expert_X`` is each row's expert, E past the last group. Rows past the last group
         come back undefined (``_grouped_mm`` leaves them); their gradients must be zero, and none of
         their values reaches a parameter gradient (masked before the first bias)."""
-        experts = self.deepspeed_experts
+        experts, stacked = self.deepspeed_experts, self._stacked
         E = len(experts)
-
-        def stacked(layer: str, name: str) -> Tensor:
-            return torch.stack([getattr(getattr(e, layer), name) for e in experts])
-
         # Biases as (X, E) one-hot @ (E, out): the bias gradient is a matmul, not E-way atomic adds.
         onehot_XE = F.one_hot(expert_X, E + 1)[:, :E].to(x_XM.dtype)
         in_group_X1 = (expert_X < E)[:, None]
