@@ -37,10 +37,13 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from widenet_ds import PRESETS, WideNetConfig, WideNetForPreTraining, WideNetModel  # noqa: E402
 from widenet_ds.config import MOE_IMPLS  # noqa: E402
+from widenet_ds.data.pretraining import num_to_predict  # noqa: E402
 from widenet_ds.ds_config import check_run_config  # noqa: E402
 from widenet_ds.modeling import COMPILE_SCOPES, combine_aux_loss, compile_model  # noqa: E402
 
 ZERO_VARIANTS = ("0", "1", "2", "0:fp32", "1:fp32", "2:fp32")
+MLM_HEADS = ("masked", "all")
+MASK_PROB = 0.15
 PRESET_NAMES = ("albert-base", "bert-base", "widenet-base-e4", "widenet-base-e8")
 # The encoder stacks of DESIGN.md section 4: hidden 768, 12 shared blocks, FFN 3072.
 STACKS = {
@@ -66,6 +69,7 @@ class Row:
     batch: int
     compile: str = "none"  # compile_model scope[:mode], or 'none' (eager)
     zero: str = "-"  # train table: ZeRO stage[:fp32] (fp32: gradients accumulated in fp32)
+    mlm_head: str = "-"  # train and hf tables: MLM head at 'all' positions or the 'masked' ones (mlm_positions)
     ms_per_step: float | None = None  # median over the timed steps (CUDA events on GPU)
     wall_ms_per_step: float | None = None  # host wall clock over all timed steps / steps (after a sync)
     tokens_per_s: float | None = None
@@ -104,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero", nargs="+", default=["1:fp32"], choices=ZERO_VARIANTS,
                    help="train table: ZeRO stages to measure; ':fp32' accumulates gradients in fp32 "
                         "(DeepSpeed's BF16_Optimizer) instead of bf16")
+    p.add_argument("--mlm_head", nargs="+", default=["masked"], choices=MLM_HEADS,
+                   help="train table: run the MLM head at the masked positions only (the collator's "
+                        "mlm_positions) or at all positions, each measured; the HF reference runs all")
     p.add_argument("--breakdown", action="store_true",
                    help="also time forward, backward and optimizer separately (sync after each)")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler kernel table per configuration")
@@ -125,11 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- FLOPs
 
 def forward_flops(config: WideNetConfig, batch: int, seq: int, kept_routes_per_call: float | None,
-                  encoder_only: bool = False) -> float:
+                  encoder_only: bool = False, mlm_positions: int | None = None) -> float:
     """Forward matmul FLOPs (2 per multiply-add) of one batch; see benchmarks/README.md.
 
     ``kept_routes_per_call``: routes kept within capacity in one MoE call (all tokens of the batch),
-    averaged over the calls; dense models ignore it.
+    averaged over the calls; dense models ignore it. ``mlm_positions``: positions per sequence the MLM
+    head runs at (default: every position).
     """
     n, h, i, e, v = batch * seq, config.hidden_size, config.intermediate_size, config.embedding_size, config.vocab_size
     attention = 8 * n * h * h + 4 * n * seq * h  # Q, K, V, O projections + scores and weighted sum
@@ -141,7 +149,8 @@ def forward_flops(config: WideNetConfig, batch: int, seq: int, kept_routes_per_c
     if encoder_only:
         return stack
     embeddings = 2 * n * e * h  # embedding_size -> hidden projection
-    heads = 2 * n * h * e + 2 * n * e * v + 2 * batch * h * (h + 2)  # MLM dense + decoder, pooler, SOP
+    predicted = batch * (seq if mlm_positions is None else mlm_positions)
+    heads = 2 * predicted * e * (h + v) + 2 * batch * h * (h + 2)  # MLM dense + decoder, pooler, SOP
     return stack + embeddings + heads
 
 
@@ -243,14 +252,21 @@ def _profile(step: Callable[[], Any], device: torch.device, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- inputs and models
 
-def make_batch(vocab: int, batch: int, seq: int, device: torch.device, mask: bool) -> dict[str, torch.Tensor]:
-    """A fixed pretraining batch: random ids, 15% MLM labels, segments A/B, SOP labels."""
+def make_batch(vocab: int, batch: int, seq: int, device: torch.device, mask: bool,
+               mlm_positions: bool = False) -> dict[str, torch.Tensor]:
+    """A fixed pretraining batch: random ids, segments A/B, SOP labels and, as the collator does,
+    ``num_to_predict(seq)`` (15%) labelled positions per row (never position 0), with the collator's
+    ``mlm_positions`` when asked."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (batch, seq), generator=g)
-    labels = torch.where(torch.rand(batch, seq, generator=g) < 0.15, ids, -100)
+    predicted = num_to_predict(seq, MASK_PROB, None)
+    positions = (torch.rand(batch, seq - 1, generator=g).argsort(1)[:, :predicted] + 1).sort(1).values
+    labels = torch.full_like(ids, -100).scatter(1, positions, ids.gather(1, positions))
     types = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
     out = dict(input_ids=ids, token_type_ids=types, labels=labels,
                sentence_order_label=torch.randint(0, 2, (batch,), generator=g))
+    if mlm_positions:
+        out["mlm_positions"] = positions
     if mask:
         out["attention_mask"] = torch.ones_like(ids)
     return {k: v.to(device) for k, v in out.items()}
@@ -337,21 +353,24 @@ def apply_compile(model: torch.nn.Module, variant: str) -> None:
         compile_model(model, scope, **({"mode": mode} if mode else {}))
 
 
-def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: str, zero: str) -> Row:
+def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: str, zero: str,
+                  mlm_head: str = "masked") -> Row:
     """Full training steps under the DeepSpeed engine."""
     from widenet_ds.engine import initialize_engine
 
     args, device = measure.args, measure.device
     config = model_config(preset, args, impl)
     moe = config.num_experts > 1
-    row = Row("train", preset, impl if moe else "-", seq, args.batch, variant, zero)
+    row = Row("train", preset, impl if moe else "-", seq, args.batch, variant, zero, mlm_head)
+    positions = num_to_predict(seq, MASK_PROB, None) if mlm_head == "masked" else None
 
     def build():
         with torch.device(device):
             model = WideNetForPreTraining(config)
         apply_compile(model, variant)
         engine, _, _ = initialize_engine(model, run_config(config, args.batch, device, zero))
-        batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask)
+        batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask,
+                           mlm_positions=positions is not None)
         routes: list = []
 
         def step(mark=_no_mark):
@@ -364,7 +383,7 @@ def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: s
             if moe:
                 routes.append((kept_routes(out.expert_counts, out.dropped_fraction), len(out.expert_counts)))
 
-        return step, lambda kept: forward_flops(config, args.batch, seq, kept), routes
+        return step, lambda kept: forward_flops(config, args.batch, seq, kept, mlm_positions=positions), routes
 
     return measure(row, build)
 
@@ -376,7 +395,7 @@ def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
 
     args, device = measure.args, measure.device
     config = model_config("albert-base", args, "batched")
-    row = Row("hf", "hf-albert-base", "-", seq, args.batch, variant)
+    row = Row("hf", "hf-albert-base", "-", seq, args.batch, variant, mlm_head="all")
 
     def build():
         hf_config = AlbertConfig(
@@ -489,7 +508,7 @@ def _parity(fast_run, ref_run) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- output
 
 def _slug(row: Row) -> str:
-    return f"{row.table}_{row.model}_{row.impl}_s{row.seq}_{row.compile}".replace("-", "_").replace(":", "_")
+    return f"{row.table}_{row.model}_{row.impl}_s{row.seq}_{row.compile}_{row.mlm_head}".replace("-", "_").replace(":", "_")
 
 
 def _free(device: torch.device) -> None:
@@ -508,7 +527,8 @@ def _print_row(row: Row) -> None:
                                                       f"MFU {_fmt(row.mfu, '.1%')}")
     phases = "" if not row.phases else "  " + ", ".join(
         f"{k} {v['host_ms']:.1f}/{v['total_ms']:.1f}" for k, v in row.phases.items()) + " ms host/total"
-    print(f"[bench] {row.table:5s} {row.model:16s} {row.impl:9s} {row.compile:14s} zero {row.zero:6s} seq {row.seq:4d}: "
+    print(f"[bench] {row.table:5s} {row.model:16s} {row.impl:9s} {row.compile:14s} zero {row.zero:6s} "
+          f"mlm {row.mlm_head:6s} seq {row.seq:4d}: "
           f"{status}{phases}",
           flush=True)
 
@@ -529,8 +549,8 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
              f"{meta['args']['warmup']}; attention mask {'none' if meta['args']['no_attention_mask'] else 'all ones'}"
              ".", "",
              f"Fast vs reference MoE path, same weights and inputs (fp32): {meta.get('parity')}", ""]
-    head = ("| model | MoE impl | compile | ZeRO | seq | ms / step | tokens / s | model TFLOP / step | MFU | peak GiB "
-            "| kept routes / token |")
+    head = ("| model | MoE impl | compile | ZeRO | MLM head | seq | ms / step | tokens / s | model TFLOP / step | MFU "
+            "| peak GiB | kept routes / token |")
     for table, title in (("train", "Full training step (DeepSpeed engine, AdamW)"),
                          ("hf", "Hugging Face AlbertForPreTraining (sdpa, torch AdamW)"),
                          ("stack", "Encoder stack only, forward + backward (DESIGN.md section 4)")):
@@ -540,13 +560,14 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         extra = " time / FLOP vs dense |" if table == "stack" else ""
         lines += [f"## {title}", "", head + extra, "|---" * (head.count("|") - 1 + bool(extra)) + "|"]
         for r in chosen:
-            cells = [r.model, r.impl, r.compile, r.zero, str(r.seq), _fmt(r.ms_per_step, ".2f"), _fmt(r.tokens_per_s, ",.0f"),
+            cells = [r.model, r.impl, r.compile, r.zero, r.mlm_head, str(r.seq), _fmt(r.ms_per_step, ".2f"),
+                     _fmt(r.tokens_per_s, ",.0f"),
                      _fmt(r.model_tflop_per_step, ".3f"), _fmt(r.mfu, ".1%"), _fmt(r.peak_mem_gib, ".2f"),
                      _fmt(r.kept_routes_per_token, ".3f")]
             if table == "stack":
                 cells.append(_fmt(r.time_per_flop_vs_dense, ".2f"))
             if r.error:
-                cells[5] = f"error: {r.error[:80]}"
+                cells[6] = f"error: {r.error[:80]}"
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     timed = [r for r in rows if r.phases]
@@ -612,9 +633,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Callable[[Measure], Row]]]
             for preset in args.presets:
                 moe = WideNetConfig.from_preset(preset).num_experts > 1
                 for impl in args.impls if moe else args.impls[:1]:
-                    for v, z in ((v, z) for v in args.compile for z in args.zero):
-                        jobs.append(("train", lambda m, p=preset, i=impl, s=seq, v=v, z=z:
-                                     bench_widenet(m, p, i, s, v, z)))
+                    for v, z, h in ((v, z, h) for v in args.compile for z in args.zero for h in args.mlm_head):
+                        jobs.append(("train", lambda m, p=preset, i=impl, s=seq, v=v, z=z, h=h:
+                                     bench_widenet(m, p, i, s, v, z, h)))
         if "hf" in args.tables:
             for v in (v for v in args.compile if v == "none" or v.startswith("model")):  # HF: eager or whole
                 jobs.append(("hf", lambda m, s=seq, v=v: bench_hf_albert(m, s, v)))

@@ -141,6 +141,20 @@ def test_batch_layout_padding_and_labels(dataset, collator):
         assert (labels != IGNORE_INDEX).any()
 
 
+@pytest.mark.parametrize("pad_to_length, max_predictions", [(None, None), (40, None), (40, 3)])
+def test_mlm_positions_list_every_labelled_position_within_a_static_bound(dataset, collator, pad_to_length,
+                                                                         max_predictions):
+    collator = dataclasses.replace(collator, pad_to_length=pad_to_length, max_predictions=max_predictions)
+    batch = collator([dataset[i] for i in range(8)])
+    length = batch["labels"].shape[1]
+    bound = min(max(1, round(0.15 * length)), max_predictions or length)
+    assert batch["mlm_positions"].shape == (8, bound)
+    for labels, positions in zip(batch["labels"], batch["mlm_positions"]):
+        labelled = torch.nonzero(labels != IGNORE_INDEX).flatten()
+        assert positions[:len(labelled)].tolist() == labelled.tolist()
+        assert (positions[len(labelled):] == -1).all()
+
+
 def test_fixed_length_padding(dataset, collator):
     fixed = dataclasses.replace(collator, pad_to_length=40)
     assert fixed([dataset[0], dataset[1]])["input_ids"].shape == (2, 40)

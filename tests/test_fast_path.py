@@ -273,6 +273,10 @@ def test_benchmark_flop_formula_counts_every_matmul(preset_overrides):
         layer = model.widenet.encoder.ffn[0]
         slots = config.num_experts * layer.gate.capacity(batch * seq)
     assert counter.get_total_flops() == bench.forward_flops(config, batch, seq, slots)
+    positions = torch.tensor([[1, 4, 6], [2, -1, -1], [3, 5, -1]])  # the MLM head at 3 positions per row
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(**inputs, mlm_positions=positions)
+    assert counter.get_total_flops() == bench.forward_flops(config, batch, seq, slots, mlm_positions=3)
 
 
 def test_benchmark_script_runs_on_cpu_in_smoke_mode(tmp_path):
@@ -295,7 +299,7 @@ def test_benchmark_script_runs_on_cpu_in_smoke_mode(tmp_path):
             assert 0 < r["kept_routes_per_token"] <= 2
     assert [r["time_per_flop_vs_dense"] for r in rows if r["model"] == "dense"] == [1.0]
     table = (tmp_path / "smoke.md").read_text()
-    assert "| widenet-base-e4 | batched | none | 1:fp32 | 16 |" in table and "time / FLOP vs dense" in table
+    assert "| widenet-base-e4 | batched | none | 1:fp32 | masked | 16 |" in table and "time / FLOP vs dense" in table
     for r in rows:  # --breakdown: each phase queued, then finished, within the step
         phases = ("forward", "backward") + (("optimizer",) if r["table"] != "stack" else ())
         assert tuple(r["phases"]) == phases

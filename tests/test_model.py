@@ -185,6 +185,38 @@ def test_training_a_few_steps_lowers_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("model_class", [WideNetForPreTraining, WideNetForMaskedLM])
+def test_mlm_head_at_the_masked_positions_only_gives_the_same_loss_and_gradients(model_class):
+    config = WideNetConfig.from_preset("debug", num_hidden_layers=2)
+    batch = _batch(config, batch=3, length=12, pad_last=4)
+    labels = torch.full((3, 12), -100)
+    positions = torch.tensor([[1, 2, 7], [3, 10, -1], [5, -1, -1]])  # -1: padding of rows with fewer
+    for row, cols in enumerate(positions.tolist()):
+        labels[row, [c for c in cols if c >= 0]] = batch["input_ids"][row, [c for c in cols if c >= 0]]
+    extra = {"sentence_order_label": torch.tensor([0, 1, 1])} if model_class is WideNetForPreTraining else {}
+    model = model_class(config).eval()  # no router noise: both passes route alike
+
+    def run(**options):
+        model.zero_grad()
+        out = model(**batch, labels=labels, **extra, **options)
+        out.loss.backward()
+        logits = out.prediction_logits if model_class is WideNetForPreTraining else out.logits
+        return out, logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_logits, full_grads = run()
+    at, at_logits, at_grads = run(mlm_positions=positions)
+    assert at_logits.shape == (3, 3, config.vocab_size)
+    torch.testing.assert_close(at.mlm_loss, full.mlm_loss)
+    torch.testing.assert_close(at.loss, full.loss)
+    kept = positions >= 0
+    torch.testing.assert_close(at_logits[kept], full_logits[torch.nonzero(kept)[:, 0], positions[kept]])
+    assert at_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(at_grads[name], full_grads[name], msg=name)
+    # the decoder's gradient really comes from the masked rows only (not from the padding's reads)
+    assert full_grads["predictions.bias"].abs().sum() > 0
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     config = WideNetConfig.from_preset("debug")
     batch = _batch(config)

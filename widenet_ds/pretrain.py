@@ -23,7 +23,7 @@ from .distributed import distributed_session, init_distributed
 from .ds_config import RunConfig, load_run_config
 from .guards import NonFiniteGuard
 from .metrics_log import MetricsWriter, get_logger, is_main_process
-from .modeling import WideNetForPreTraining
+from .modeling import WideNetForPreTraining, mlm_labels_at
 from .training import (REPO_ROOT, MetricWindow, add_compile_argument, add_launcher_arguments, compile_if_asked,
                        parse_overrides, train_step, write_run_record)
 
@@ -136,9 +136,10 @@ def evaluate(job: Job) -> dict[str, float]:
                 break
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             out = engine(**batch)
-            masked = batch["labels"] != -100
+            labels = mlm_labels_at(batch["labels"], batch.get("mlm_positions"))
+            masked = labels != -100
             sums += torch.tensor([
-                (out.prediction_logits.argmax(-1)[masked] == batch["labels"][masked]).sum().item(),
+                (out.prediction_logits.argmax(-1)[masked] == labels[masked]).sum().item(),
                 masked.sum().item(),
                 (out.sop_logits.argmax(-1) == batch["sentence_order_label"]).sum().item(),
                 batch["sentence_order_label"].numel(), out.loss.item(), 1], dtype=torch.float64)

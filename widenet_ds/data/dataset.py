@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError
-from .pretraining import IGNORE_INDEX, mask_tokens
+from .pretraining import IGNORE_INDEX, mask_tokens, num_to_predict
 
 FORMAT_VERSION = 1  # bump when the layout changes: old caches are then rebuilt
 SPLITS = ("train", "eval")
@@ -132,8 +132,11 @@ class PretrainingCollator:
     Each example is masked with ``numpy.random.default_rng([seed, epoch, index])``, so its masks
     depend only on those three numbers. Batches are dicts of int64 tensors ``input_ids``,
     ``attention_mask``, ``token_type_ids``, ``labels`` (-100 where nothing is predicted) of
-    shape (B, T), and ``sentence_order_label`` of shape (B,). T is the longest example of the
-    batch, or ``pad_to_length``.
+    shape (B, T), ``mlm_positions`` of shape (B, P) and ``sentence_order_label`` of shape (B,).
+    T is the longest example of the batch, or ``pad_to_length``. ``mlm_positions`` lists each
+    row's predicted positions in order, padded with -1; P = :func:`num_to_predict` of T, a bound
+    on every row's count, so the MLM head can run on B x P positions instead of B x T (BERT's
+    ``masked_lm_positions``).
     """
 
     cls_token_id: int
@@ -176,6 +179,16 @@ class PretrainingCollator:
                                      self.mask_prob, self.max_ngram, self.max_predictions)
         return {"input_ids": masked, "token_type_ids": token_type_ids, "labels": labels}
 
+    def mlm_positions(self, labels: np.ndarray) -> np.ndarray:
+        """(B, P) positions of the labelled tokens of each row of ``labels`` (B, T), padded with -1."""
+        bound = num_to_predict(labels.shape[1], self.mask_prob, self.max_predictions)
+        positions = np.full((labels.shape[0], bound), -1, dtype=np.int64)
+        for row, row_labels in enumerate(labels):
+            found = np.flatnonzero(row_labels != IGNORE_INDEX)
+            assert len(found) <= bound, f"{len(found)} masked positions, more than the bound {bound}"
+            positions[row, :len(found)] = found
+        return positions
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         masked = [self.mask_example(e) for e in examples]
         longest = max(len(m["input_ids"]) for m in masked)
@@ -194,6 +207,7 @@ class PretrainingCollator:
             batch["attention_mask"][row, :size] = 1
             for name in ("input_ids", "token_type_ids", "labels"):
                 batch[name][row, :size] = example[name]
+        batch["mlm_positions"] = self.mlm_positions(batch["labels"])
         tensors = {name: torch.from_numpy(array) for name, array in batch.items()}
         tensors["sentence_order_label"] = torch.tensor([e["sop_label"] for e in examples], dtype=torch.long)
         return tensors

@@ -4,11 +4,12 @@ from .fast_moe import BatchedExperts, GatherMOELayer
 from .gate import WideNetGate, expert_capacity, load_balance_loss, top_k_route, top_k_route_fast
 from .layers import Attention, Block, Embeddings, Encoder, FeedForward, MoEFeedForward, RoutingStats
 from .models import (WideNetForMaskedLM, WideNetForPreTraining, WideNetForSequenceClassification, WideNetModel,
-                     WideNetPreTrainedModel, COMPILE_SCOPES, combine_aux_loss, compile_model)
+                     WideNetPreTrainedModel, COMPILE_SCOPES, at_positions, combine_aux_loss, compile_model,
+                     mlm_labels_at)
 
 __all__ = [
     "COMPILE_SCOPES", "Attention", "BatchedExperts", "Block", "Embeddings", "Encoder", "FeedForward", "GatherMOELayer",
     "MoEFeedForward", "RoutingStats", "WideNetGate", "WideNetForMaskedLM", "WideNetForPreTraining",
-    "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel", "combine_aux_loss", "compile_model",
-    "expert_capacity", "load_balance_loss", "top_k_route", "top_k_route_fast",
+    "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel", "at_positions", "combine_aux_loss",
+    "compile_model", "expert_capacity", "load_balance_loss", "mlm_labels_at", "top_k_route", "top_k_route_fast",
 ]

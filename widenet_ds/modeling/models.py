@@ -43,7 +43,7 @@ class WideNetForPreTrainingOutput(ModelOutput):
     mlm_loss: Tensor | None = None
     sop_loss: Tensor | None = None
     aux_loss: Tensor | None = None
-    prediction_logits: Tensor | None = None  # (B, T, V)
+    prediction_logits: Tensor | None = None  # (B, T, V); (B, P, V) at mlm_positions when given
     sop_logits: Tensor | None = None  # (B, 2)
     expert_counts: Tensor | None = None
     dropped_fraction: Tensor | None = None
@@ -54,7 +54,7 @@ class WideNetMaskedLMOutput(ModelOutput):
     loss: Tensor | None = None  # mlm_loss + aux_loss
     mlm_loss: Tensor | None = None
     aux_loss: Tensor | None = None
-    logits: Tensor | None = None  # (B, T, V)
+    logits: Tensor | None = None  # (B, T, V); (B, P, V) at mlm_positions when given
     expert_counts: Tensor | None = None
     dropped_fraction: Tensor | None = None
 
@@ -149,10 +149,34 @@ class MLMHead(nn.Module):
         return self.decoder(self.LayerNorm(self.act(self.dense(x_BTH)))) + self.bias  # (B, T, V)
 
 
-def _mlm_loss(logits_BTV: Tensor, labels_BT: Tensor | None) -> Tensor | None:
+def at_positions(x_BT: Tensor, positions_BP: Tensor) -> Tensor:
+    """``x_BT[b, positions_BP[b, p]]`` (B, P, ...) for a (B, T, ...) tensor; position -1 reads position 0."""
+    index_BP = positions_BP.clamp(min=0)
+    if x_BT.dim() == 3:
+        index_BP = index_BP.unsqueeze(-1).expand(-1, -1, x_BT.shape[-1])
+    return x_BT.gather(1, index_BP)
+
+
+def mlm_labels_at(labels_BT: Tensor, positions_BP: Tensor | None) -> Tensor:
+    """The labels the MLM logits are scored against: ``labels_BT``, or its values at ``positions_BP``
+    (-100 at the -1 padding) when the head ran at those positions only."""
+    if positions_BP is None:
+        return labels_BT
+    return torch.where(positions_BP >= 0, at_positions(labels_BT, positions_BP), -100)
+
+
+def _mlm(head: MLMHead, hidden_BTH: Tensor, labels_BT: Tensor | None,
+         positions_BP: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """MLM logits and loss. With ``positions_BP`` (the collator's ``mlm_positions``: each row's
+    predicted positions, -1 padding) the head runs at those B x P positions only (P ~ 15% of T):
+    the same loss and gradients, ~85% less of the head's work and of its logits' memory."""
+    if positions_BP is not None:
+        hidden_BTH = at_positions(hidden_BTH, positions_BP)
+    logits = head(hidden_BTH)
     if labels_BT is None:
-        return None
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=-100)
+        return logits, None
+    labels = mlm_labels_at(labels_BT, positions_BP)
+    return logits, F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
 
 class _WithMLMHead(WideNetPreTrainedModel):
@@ -180,11 +204,11 @@ class WideNetForPreTraining(_WithMLMHead):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
-                sentence_order_label: Tensor | None = None, **kwargs) -> WideNetForPreTrainingOutput:
+                sentence_order_label: Tensor | None = None, mlm_positions: Tensor | None = None,
+                **kwargs) -> WideNetForPreTrainingOutput:
         out = self.widenet(input_ids, attention_mask, token_type_ids)
-        logits = self.predictions(out.last_hidden_state)
+        logits, mlm_loss = _mlm(self.predictions, out.last_hidden_state, labels, mlm_positions)
         sop_logits = self.sop_classifier(out.pooler_output)
-        mlm_loss = _mlm_loss(logits, labels)
         sop_loss = None if sentence_order_label is None else F.cross_entropy(sop_logits.float(), sentence_order_label)
         main = _sum_losses(mlm_loss, sop_loss)
         return WideNetForPreTrainingOutput(
@@ -205,10 +229,9 @@ class WideNetForMaskedLM(_WithMLMHead):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
-                **kwargs) -> WideNetMaskedLMOutput:
+                mlm_positions: Tensor | None = None, **kwargs) -> WideNetMaskedLMOutput:
         out = self.widenet(input_ids, attention_mask, token_type_ids)
-        logits = self.predictions(out.last_hidden_state)
-        mlm_loss = _mlm_loss(logits, labels)
+        logits, mlm_loss = _mlm(self.predictions, out.last_hidden_state, labels, mlm_positions)
         return WideNetMaskedLMOutput(
             loss=None if mlm_loss is None else _sum_losses(mlm_loss, out.aux_loss),
             mlm_loss=mlm_loss, aux_loss=out.aux_loss, logits=logits,
