@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from widenet_ds import ConfigError, MoESettings, WideNetConfig, WideNetForPreTraining
 from widenet_ds.modeling import (BatchedExperts, FeedForward, GatherMOELayer, compile_model, top_k_route,
                                  top_k_route_fast)
-from widenet_ds.modeling.fast_moe import _Combine, _Dispatch, _ExpertLinear, route_maps
+from widenet_ds.modeling.fast_moe import _Combine, _Dispatch, _ExpertLinear, _RowBias, route_maps
 
 
 def _route_args(tokens, experts, k, capacity, pad):
@@ -244,6 +244,10 @@ def test_dispatch_combine_and_expert_linear_gradients_are_exact():
     torch.autograd.gradcheck(lambda o, g: _Combine.apply(o, g, slot_KS, source_X, gate_X), (out_XM, gates_KS))
     args = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((2, 5, 3), (2, 4, 3), (2, 4))]
     torch.autograd.gradcheck(_ExpertLinear.apply, args)
+    expert_X = torch.tensor([0, 0, 1, 3, 3, 3, 4, 4])  # packed rows; 4 = E: past the last group, no bias
+    y_XO, b_EO = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((8, 3), (4, 3)))
+    torch.autograd.gradcheck(lambda y, b: _RowBias.apply(y, b, expert_X), (y_XO, b_EO))
+    torch.testing.assert_close(_RowBias.apply(y_XO, b_EO, expert_X)[-2:], y_XO[-2:])
 
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"

@@ -92,23 +92,47 @@ class BatchedExperts(Experts):
         come back undefined (``_grouped_mm`` leaves them); their gradients must be zero, and none of
         their values reaches a parameter gradient (masked before the first bias)."""
         experts, stacked = self.deepspeed_experts, self._stacked
-        E = len(experts)
-        # Biases as (X, E) one-hot @ (E, out): the bias gradient is a matmul, not E-way atomic adds.
-        onehot_XE = F.one_hot(expert_X, E + 1)[:, :E].to(x_XM.dtype)
-        in_group_X1 = (expert_X < E)[:, None]
-        h_XI = _grouped_matmul(x_XM, stacked("ffn", "weight").transpose(1, 2), end_E, onehot_XE)
-        h_XI = torch.where(in_group_X1, torch.addmm(h_XI, onehot_XE, stacked("ffn", "bias")), 0.0)
+        in_group_X1 = (expert_X < len(experts))[:, None]
+        h_XI = _grouped_matmul(x_XM, stacked("ffn", "weight").transpose(1, 2), end_E, expert_X)
+        h_XI = torch.where(in_group_X1, _RowBias.apply(h_XI, stacked("ffn", "bias"), expert_X), 0.0)
         h_XI = experts[0].act(h_XI)
-        y_XM = _grouped_matmul(h_XI, stacked("ffn_output", "weight").transpose(1, 2), end_E, onehot_XE)
-        return torch.addmm(y_XM, onehot_XE, stacked("ffn_output", "bias"))
+        y_XM = _grouped_matmul(h_XI, stacked("ffn_output", "weight").transpose(1, 2), end_E, expert_X)
+        return _RowBias.apply(y_XM, stacked("ffn_output", "bias"), expert_X)
 
 
-def _grouped_matmul(x_XI: Tensor, w_EIO: Tensor, end_E: Tensor, onehot_XE: Tensor) -> Tensor:
+class _RowBias(torch.autograd.Function):
+    """``y_XO + b_EO[expert_X]`` (rows of expert E, past the last group, get no bias). Forward is a
+    gather that a compiled graph fuses into the next elementwise kernel (an ``addmm`` with a one-hot
+    would write a whole new (X, O) tensor); the bias gradient is one matmul with the one-hot, not
+    X x O atomic adds onto E rows."""
+
+    @staticmethod
+    def forward(ctx, y_XO: Tensor, b_EO: Tensor, expert_X: Tensor) -> Tensor:
+        ctx.save_for_backward(expert_X)
+        ctx.num_experts = b_EO.shape[0]
+        return y_XO + torch.cat([b_EO, b_EO.new_zeros(1, b_EO.shape[1])]).to(y_XO.dtype)[expert_X]
+
+    @staticmethod
+    def backward(ctx, grad_XO: Tensor):
+        (expert_X,) = ctx.saved_tensors
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_b = _one_hot(expert_X, ctx.num_experts, grad_XO.dtype).t() @ grad_XO
+        return grad_XO, grad_b, None
+
+
+def _one_hot(expert_X: Tensor, num_experts: int, dtype: torch.dtype) -> Tensor:
+    """(X, E) one-hot of each row's expert; rows of expert E (past the last group) are all zero."""
+    return F.one_hot(expert_X, num_experts + 1)[:, :num_experts].to(dtype)
+
+
+def _grouped_matmul(x_XI: Tensor, w_EIO: Tensor, end_E: Tensor, expert_X: Tensor) -> Tensor:
     """Row group e of ``x_XI`` times ``w_EIO[e]``. ``torch._grouped_mm`` takes bf16 (compiled, and on
     CUDA); other dtypes (fp32 checks) compute every expert on every row and keep each row's own
     (E times the work; rows past the last group come back 0)."""
     if x_XI.dtype == torch.bfloat16:
         return torch._grouped_mm(x_XI, w_EIO, offs=end_E)
+    onehot_XE = _one_hot(expert_X, w_EIO.shape[0], x_XI.dtype)
     return torch.einsum("xe,exo->xo", onehot_XE, torch.matmul(x_XI, w_EIO))
 
 
