@@ -77,6 +77,10 @@ class Row:
     mfu: float | None = None  # model FLOPs / time / measured ceiling
     peak_mem_gib: float | None = None  # torch.cuda.max_memory_allocated
     kept_routes_per_token: float | None = None  # MoE: routes kept within capacity per token per routing call
+    # the training loss at the first warm-up step and the last timed step (the fixed batch is learnt:
+    # a sanity check that a variant trains like the others, e.g. with CUDA graphs)
+    loss_first: float | None = None
+    loss_last: float | None = None
     time_per_flop_vs_dense: float | None = None  # stack table: (ms / FLOP) / (dense ms / dense FLOP)
     error: str | None = None
     step_ms: list[float] = field(default_factory=list)
@@ -101,9 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capacity_factor", type=float, default=1.2, help="C in training")
     p.add_argument("--no_attention_mask", action="store_true",
                    help="pass attention_mask=None (unpadded batches: SDPA may use flash attention)")
-    p.add_argument("--compile", nargs="*", default=["none"], metavar="SCOPE[:MODE]",
+    p.add_argument("--compile", nargs="*", default=["none"], metavar="SCOPE[:SETTING...]",
                    help="compile variants, each measured: 'none' (eager) or a compile_model scope "
-                        f"({', '.join(COMPILE_SCOPES)}), optionally with a torch.compile mode, e.g. "
+                        f"({', '.join(COMPILE_SCOPES)}), optionally with a torch.compile mode and/or Inductor "
+                        "options, e.g. model:reduce-overhead (CUDA graphs), model:cpp_wrapper, "
                         "model:max-autotune-no-cudagraphs; '--compile' alone means 'model'")
     p.add_argument("--zero", nargs="+", default=["1:fp32"], choices=ZERO_VARIANTS,
                    help="train table: ZeRO stages to measure; ':fp32' accumulates gradients in fp32 "
@@ -308,22 +313,24 @@ class Measure:
         self.args, self.device, self.ceiling, self.results = args, device, ceiling_tflops, results
 
     def __call__(self, row: Row, build: Callable[[], tuple[Callable[[], Any], Callable[[float], float], Any]]) -> Row:
-        """``build() -> (step, flops_of(kept_routes_per_call), routed_sum)``; ``routed_sum`` a list that
-        step appends kept-route tensors and routing-call counts to."""
+        """``build() -> (step, flops_of(kept_routes_per_call), routed_sum, losses)``; ``routed_sum`` a list
+        that step appends kept-route tensors and routing-call counts to, ``losses`` one its losses."""
         _free(self.device)
+        torch.manual_seed(0)  # every configuration starts from the same weights: loss_first/last are comparable
         try:
-            step, flops_of, routes = build()
+            step, flops_of, routes, losses = build()
             times, wall_ms = time_steps(step, self.device, self.args.warmup, self.args.steps)
             if self.args.breakdown:
                 row.phases = time_phases(step, self.device, self.args.steps)
             if self.args.profile:
                 _profile(step, self.device, self.results / "profiles" / f"{_slug(row)}.txt")
             self._fill(row, times, wall_ms, flops_of, routes)
+            row.loss_first, row.loss_last = losses[0].item(), losses[self.args.warmup + self.args.steps - 1].item()
         except Exception as err:  # noqa: BLE001 - one broken configuration must not stop the run
             row.error = f"{type(err).__name__}: {err}"[:500]
             traceback.print_exc()
         finally:
-            step = flops_of = routes = None  # noqa: F841 - drop references before freeing memory
+            step = flops_of = routes = losses = None  # noqa: F841 - drop references before freeing memory
             _free(self.device)
         _print_row(row)
         return row
@@ -346,11 +353,28 @@ class Measure:
             row.peak_mem_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
 
 
+def compile_options(variant: str) -> dict[str, Any]:
+    """``torch.compile`` keywords of a variant's ':'-separated settings after the scope: a mode
+    (``torch._inductor.list_mode_options``) and/or Inductor options ``name[=value]`` (e.g.
+    ``model:reduce-overhead``, ``model:cpp_wrapper``, ``model:max-autotune-no-cudagraphs:cpp_wrapper``)."""
+    from torch._inductor import list_mode_options
+
+    mode, options = None, {}
+    for token in variant.split(":")[1:]:
+        if token in list_mode_options():
+            mode = token
+        else:
+            name, _, value = token.partition("=")
+            options[name] = True if not value else value == "True" if value in ("True", "False") else value
+    if not options:
+        return {"mode": mode} if mode else {}
+    return {"options": {**(list_mode_options(mode) if mode else {}), **options}}  # a mode or options, not both
+
+
 def apply_compile(model: torch.nn.Module, variant: str) -> None:
-    """``variant``: 'none' or 'scope[:mode]' (compile_model)."""
+    """``variant``: 'none' or 'scope[:setting...]' (compile_model with ``compile_options``)."""
     if variant != "none":
-        scope, _, mode = variant.partition(":")
-        compile_model(model, scope, **({"mode": mode} if mode else {}))
+        compile_model(model, variant.split(":")[0], **compile_options(variant))
 
 
 def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: str, zero: str,
@@ -371,10 +395,11 @@ def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: s
         engine, _, _ = initialize_engine(model, run_config(config, args.batch, device, zero))
         batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask,
                            mlm_positions=positions is not None)
-        routes: list = []
+        routes, losses = [], []
 
         def step(mark=_no_mark):
             out = engine(**batch)
+            losses.append(out.loss.detach().clone())
             mark("forward")
             engine.backward(out.loss)
             mark("backward")
@@ -383,7 +408,7 @@ def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: s
             if moe:
                 routes.append((kept_routes(out.expert_counts, out.dropped_fraction), len(out.expert_counts)))
 
-        return step, lambda kept: forward_flops(config, args.batch, seq, kept, mlm_positions=positions), routes
+        return step, lambda kept: forward_flops(config, args.batch, seq, kept, mlm_positions=positions), routes, losses
 
     return measure(row, build)
 
@@ -407,13 +432,15 @@ def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
         with torch.device(device):
             model = AlbertForPreTraining(hf_config).to(torch.bfloat16).train()
         if variant != "none":
-            mode = variant.partition(":")[2]
-            model.compile(**({"mode": mode} if mode else {}))
+            model.compile(**compile_options(variant))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask)
 
+        losses = []
+
         def step(mark=_no_mark):
             loss = model(**batch).loss
+            losses.append(loss.detach().clone())
             mark("forward")
             loss.backward()
             mark("backward")
@@ -421,7 +448,7 @@ def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
             optimizer.zero_grad(set_to_none=True)
             mark("optimizer")
 
-        return step, lambda kept: forward_flops(config, args.batch, seq, kept), []
+        return step, lambda kept: forward_flops(config, args.batch, seq, kept), [], losses
 
     return measure(row, build)
 
@@ -439,11 +466,12 @@ def bench_stack(measure: Measure, name: str, impl: str, seq: int, variant: str) 
         apply_compile(encoder, variant)
         x = torch.randn(args.batch, seq, config.hidden_size, device=device, dtype=torch.bfloat16)
         mask = None if args.no_attention_mask else torch.ones(args.batch, seq, dtype=torch.long, device=device)
-        routes: list = []
+        routes, losses = [], []
 
         def step(mark=_no_mark):
             y, routing = encoder(x, mask)
             loss = y.float().square().mean()
+            losses.append(loss.detach().clone())
             if routing:
                 loss = loss + combine_aux_loss(routing, 0.01)
                 counts = torch.stack([r.expert_counts for r in routing])
@@ -454,7 +482,7 @@ def bench_stack(measure: Measure, name: str, impl: str, seq: int, variant: str) 
             mark("backward")
             encoder.zero_grad(set_to_none=True)
 
-        return step, lambda kept: forward_flops(config, args.batch, seq, kept, encoder_only=True), routes
+        return step, lambda kept: forward_flops(config, args.batch, seq, kept, encoder_only=True), routes, losses
 
     return measure(row, build)
 
@@ -550,7 +578,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
              ".", "",
              f"Fast vs reference MoE path, same weights and inputs (fp32): {meta.get('parity')}", ""]
     head = ("| model | MoE impl | compile | ZeRO | MLM head | seq | ms / step | tokens / s | model TFLOP / step | MFU "
-            "| peak GiB | kept routes / token |")
+            "| peak GiB | kept routes / token | loss, first -> last step |")
     for table, title in (("train", "Full training step (DeepSpeed engine, AdamW)"),
                          ("hf", "Hugging Face AlbertForPreTraining (sdpa, torch AdamW)"),
                          ("stack", "Encoder stack only, forward + backward (DESIGN.md section 4)")):
@@ -563,7 +591,8 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
             cells = [r.model, r.impl, r.compile, r.zero, r.mlm_head, str(r.seq), _fmt(r.ms_per_step, ".2f"),
                      _fmt(r.tokens_per_s, ",.0f"),
                      _fmt(r.model_tflop_per_step, ".3f"), _fmt(r.mfu, ".1%"), _fmt(r.peak_mem_gib, ".2f"),
-                     _fmt(r.kept_routes_per_token, ".3f")]
+                     _fmt(r.kept_routes_per_token, ".3f"),
+                     f"{_fmt(r.loss_first, '.3f')} -> {_fmt(r.loss_last, '.3f')}"]
             if table == "stack":
                 cells.append(_fmt(r.time_per_flop_vs_dense, ".2f"))
             if r.error:
