@@ -1,6 +1,11 @@
 """Process-group plumbing: a multi-node gloo run that would hang is refused with the fix."""
 
+import os
 import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +43,26 @@ def test_a_one_process_world_leaves_no_launcher_variables_behind(monkeypatch):
     close_distributed()
     # A job launched from this process afterwards must not inherit a port this process used.
     assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+
+
+def test_a_cpu_launch_removes_deepspeed_shared_memory_buffers(tmp_path):
+    """DeepSpeed's CPU all-reduce puts a ~66 MB file per rank in /dev/shm and never removes it."""
+    from widenet_ds.distributed import free_port
+
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch
+        from widenet_ds.distributed import close_distributed, init_distributed, shm_buffer
+        init_distributed()
+        torch.distributed.all_reduce(torch.ones(3))
+        rank = torch.distributed.get_rank()
+        open(sys.argv[-1] + f"/rank{rank}", "w").write(str(shm_buffer(rank).exists()))
+        close_distributed()
+    """))
+    port = free_port()
+    launcher = Path(sys.executable).parent / "deepspeed"
+    result = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(script), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["True", "True"], "the buffers existed"
+    assert not [f for f in os.listdir("/dev/shm") if f"_{port}_" in f and f.startswith("deepspeed_allreduce")]

@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -62,18 +63,29 @@ def check_gloo_interface() -> None:
                            "(e.g. GLOO_SOCKET_IFNAME=eth0)")
 
 
+def shm_buffer(rank: int) -> Path:
+    """The /dev/shm file (~66 MB) of DeepSpeed's CPU shared-memory all-reduce for ``rank`` of this
+    launch (named by user, MASTER_ADDR and MASTER_PORT). DeepSpeed never removes it: every CPU run
+    of the launcher would leave one per rank behind, filling /dev/shm (memory) run after run."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
 def close_distributed(barrier: bool = True) -> None:
     """Barrier, then destroy the process group: without it, multi-process runs sometimes die at exit.
 
     Through DeepSpeed, which then forgets the groups it cached (data, expert parallel): a later
-    ``init_distributed`` + ``deepspeed.initialize`` in the same process starts clean. Leaving on
-    an error, skip the barrier: a dead peer would only add a second traceback (or a hang).
+    ``init_distributed`` + ``deepspeed.initialize`` in the same process starts clean. After the
+    barrier each rank removes its ``shm_buffer``. Leaving on an error, skip the barrier (a dead
+    peer would only add a second traceback, or a hang) and keep the buffer (a peer still starting
+    would wait for it forever).
     """
     if torch.distributed.is_initialized():
         from deepspeed import comm
 
         if barrier:
             torch.distributed.barrier()
+            shm_buffer(torch.distributed.get_rank()).unlink(missing_ok=True)  # every rank has mapped it by now
         if comm.is_initialized():
             comm.destroy_process_group()
         else:  # created without DeepSpeed
