@@ -20,7 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from widenet_ds import ConfigError, MoESettings, WideNetConfig, WideNetForPreTraining
 from widenet_ds.modeling import (BatchedExperts, FeedForward, GatherMOELayer, compile_model, top_k_route,
                                  top_k_route_fast)
-from widenet_ds.modeling.fast_moe import _Combine, _Dispatch, _ExpertLinear, _RowBias, route_maps
+from widenet_ds.modeling import fast_moe
+from widenet_ds.modeling.fast_moe import (_Combine, _Dispatch, _ExpertLinear, _RowBias, grouped_mm_is_fast,
+                                           route_maps)
 
 
 def _route_args(tokens, experts, k, capacity, pad):
@@ -166,6 +168,21 @@ def _bf16_run(model, batch):
     model.bfloat16()
     out, grads = _run(model, batch, train=True)
     return out.loss.float(), {n: g.float() for n, g in grads.items()}
+
+
+def test_grouped_runs_where_grouped_mm_is_fast_and_falls_back_to_batched_elsewhere(monkeypatch, caplog):
+    assert grouped_mm_is_fast("cuda", torch.bfloat16, (9, 0)) and grouped_mm_is_fast("cuda", torch.bfloat16, (10, 0))
+    assert not grouped_mm_is_fast("cuda", torch.bfloat16, (8, 0))  # Ampere: a loop after a host sync
+    assert not grouped_mm_is_fast("cuda", torch.float16, (9, 0))  # the dense fallback, E x the work
+    assert grouped_mm_is_fast("cpu", torch.float32, None)
+    grouped, ref = _models(impl="grouped")
+    monkeypatch.setattr(BatchedExperts, "forward_grouped", lambda *a: pytest.fail("the grouped experts ran"))
+    monkeypatch.setattr(fast_moe, "grouped_mm_is_fast", lambda *a: False)  # as on an A100
+    batch = _batch(grouped.config)
+    with caplog.at_level("WARNING"):
+        _assert_same(_run(grouped, batch, train=True), _run(ref, batch, train=True))
+        _run(grouped, batch, train=True)
+    assert sum("running the 'batched' experts instead" in r.message for r in caplog.records) == 1
 
 
 def test_grouped_matmuls_in_bf16_match_the_batched_experts(monkeypatch):

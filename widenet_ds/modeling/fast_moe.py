@@ -228,12 +228,33 @@ def slot_maps(slot_KS: Tensor, gates_KS: Tensor, num_slots: int) -> tuple[Tensor
     return source_X[:X], gate_X[:X]
 
 
+def grouped_mm_is_fast(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None) -> bool:
+    """Whether the grouped experts are fast here: ``torch._grouped_mm`` runs its fused kernel in bf16
+    on Hopper or Blackwell (compute capability 9.x or 10.x); on other GPUs it loops over the groups
+    after a host sync (Ampere), and other dtypes take this module's dense fallback (E times the
+    expert work). On the CPU every dtype has a correct path (the tests' reference): it counts as fast."""
+    if device_type != "cuda":
+        return True
+    return dtype == torch.bfloat16 and capability is not None and capability[0] in (9, 10)
+
+
+@torch.compiler.disable
+def _warn_grouped_fallback(x: Tensor) -> None:
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "moe.impl 'grouped' needs bf16 on a compute capability 9.x/10.x GPU to be fast (got %s on %s); "
+        "running the 'batched' experts instead", x.dtype,
+        torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else x.device)
+
+
 class GatherMOELayer(MOELayer):
     """DeepSpeed's ``MOELayer`` with gather-only dispatch and combine (same gate, experts, groups and
     all-to-all). Falls back to DeepSpeed's forward when ``fast`` is off and for what the fast
     forward does not cover: Tutel, tensor-parallel experts (``groups.mpu``), wall-clock timers.
     ``grouped`` packs the kept routes and runs grouped matmuls (ep_size 1; with expert parallelism
-    the all-to-all needs the fixed E x C slot layout, so the layer uses the batched experts)."""
+    the all-to-all needs the fixed E x C slot layout, and on GPUs or dtypes where ``torch._grouped_mm``
+    is slow, see ``grouped_mm_is_fast``, the layer uses the batched experts)."""
 
     def __init__(self, layer: MOELayer):
         super().__init__(layer.gate, layer.experts, layer.ep_group_name, layer.ep_size, layer.num_local_experts,
@@ -241,6 +262,20 @@ class GatherMOELayer(MOELayer):
         self.ep_group = layer.ep_group
         self.fast = True
         self.grouped = False
+        self.grouped_fallback_warned = False
+
+    def _grouped_fits(self, x: Tensor) -> bool:
+        """``grouped_mm_is_fast`` for these tokens; warns once when the layer falls back to batched."""
+        capability = None
+        if x.device.type == "cuda":  # get_device_properties: a constant to torch.compile, no graph break
+            properties = torch.cuda.get_device_properties(x.device)
+            capability = (properties.major, properties.minor)
+        if grouped_mm_is_fast(x.device.type, x.dtype, capability):
+            return True
+        if not self.grouped_fallback_warned:
+            self.grouped_fallback_warned = True
+            _warn_grouped_fallback(x)
+        return False
 
     def forward(self, *input: Tensor, **kwargs) -> Tensor:
         if not self.fast or self.use_tutel or groups.mpu is not None or self.wall_clock_breakdown:
@@ -250,7 +285,7 @@ class GatherMOELayer(MOELayer):
         S, M = x_SM.shape
         self.l_aux, C, E, indices_KS, locations_KS, gates_KS, self.exp_counts = self.gate(x_SM, input[1], True, False)
         C = int(C)  # a host tensor from WideNetGate when the capacity is known: no wait on the GPU
-        if self.grouped and self.ep_size == 1:
+        if self.grouped and self.ep_size == 1 and self._grouped_fits(x_SM):
             slot_KS, end_E, expert_X, X = packed_slots(indices_KS, locations_KS, self.exp_counts[1], C)
             source_X, gate_X = slot_maps(slot_KS, gates_KS, X)
             out_XM = self.experts.forward_grouped(_Dispatch.apply(x_SM, slot_KS, source_X), end_E, expert_X)
