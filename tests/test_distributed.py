@@ -45,24 +45,31 @@ def test_a_one_process_world_leaves_no_launcher_variables_behind(monkeypatch):
     assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
 
 
-def test_a_cpu_launch_removes_deepspeed_shared_memory_buffers(tmp_path):
-    """DeepSpeed's CPU all-reduce puts a ~66 MB file per rank in /dev/shm and never removes it."""
+@pytest.mark.parametrize("ending", ["clean", "rank 1 dies"])
+def test_a_cpu_launch_leaves_no_deepspeed_shared_memory_buffers(tmp_path, ending):
+    """DeepSpeed's CPU all-reduce puts a ~66 MB file per rank in /dev/shm and never removes it;
+    init_distributed unlinks them once mapped, so none is left even by a rank that dies."""
     from widenet_ds.distributed import free_port
 
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent("""
-        import sys, torch
-        from widenet_ds.distributed import close_distributed, init_distributed, shm_buffer
+        import os, sys, torch
+        import deepspeed.comm.comm as comm
+        from widenet_ds.distributed import close_distributed, init_distributed
         init_distributed()
-        torch.distributed.all_reduce(torch.ones(3))
-        rank = torch.distributed.get_rank()
-        open(sys.argv[-1] + f"/rank{rank}", "w").write(str(shm_buffer(rank).exists()))
+        assert comm.cdb.shm_comm_op is not None, "DeepSpeed's shared-memory all-reduce is in use"
+        total = torch.ones(3) * (torch.distributed.get_rank() + 1)
+        torch.distributed.all_reduce(total)  # through the (unlinked) shared memory
+        assert total.tolist() == [3.0, 3.0, 3.0]
+        if sys.argv[-1] == "die" and torch.distributed.get_rank() == 1:
+            os._exit(3)
         close_distributed()
     """))
     port = free_port()
     launcher = Path(sys.executable).parent / "deepspeed"
-    result = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(script), str(tmp_path)],
+    result = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(script),
+                             "die" if ending != "clean" else "live"],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["True", "True"], "the buffers existed"
+    assert (result.returncode == 0) == (ending == "clean"), result.stdout[-2000:] + result.stderr[-2000:]
+    assert "exits with return code = 3" in result.stdout + result.stderr or ending == "clean"
     assert not [f for f in os.listdir("/dev/shm") if f"_{port}_" in f and f.startswith("deepspeed_allreduce")]

@@ -45,6 +45,17 @@ def init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    _remove_shm_buffer()
+
+
+def _remove_shm_buffer() -> None:
+    """Unlink this rank's ``shm_buffer`` once every rank has mapped every buffer (DeepSpeed maps them
+    while joining the group; the barrier waits for all): the memory stays mapped for the run and
+    is freed when the last process exits, however it exits (also ``kill -9``)."""
+    path = shm_buffer(torch.distributed.get_rank())
+    if path.exists():  # on every rank or on none: DeepSpeed uses it when all ranks are on one host
+        torch.distributed.barrier()
+        path.unlink(missing_ok=True)
 
 
 def check_gloo_interface() -> None:
@@ -66,7 +77,8 @@ def check_gloo_interface() -> None:
 def shm_buffer(rank: int) -> Path:
     """The /dev/shm file (~66 MB) of DeepSpeed's CPU shared-memory all-reduce for ``rank`` of this
     launch (named by user, MASTER_ADDR and MASTER_PORT). DeepSpeed never removes it: every CPU run
-    of the launcher would leave one per rank behind, filling /dev/shm (memory) run after run."""
+    of the launcher would leave one per rank behind, filling /dev/shm (memory) run after run;
+    ``init_distributed`` removes it."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
@@ -75,17 +87,14 @@ def close_distributed(barrier: bool = True) -> None:
     """Barrier, then destroy the process group: without it, multi-process runs sometimes die at exit.
 
     Through DeepSpeed, which then forgets the groups it cached (data, expert parallel): a later
-    ``init_distributed`` + ``deepspeed.initialize`` in the same process starts clean. After the
-    barrier each rank removes its ``shm_buffer``. Leaving on an error, skip the barrier (a dead
-    peer would only add a second traceback, or a hang) and keep the buffer (a peer still starting
-    would wait for it forever).
+    ``init_distributed`` + ``deepspeed.initialize`` in the same process starts clean. Leaving on
+    an error, skip the barrier: a dead peer would only add a second traceback (or a hang).
     """
     if torch.distributed.is_initialized():
         from deepspeed import comm
 
         if barrier:
             torch.distributed.barrier()
-            shm_buffer(torch.distributed.get_rank()).unlink(missing_ok=True)  # every rank has mapped it by now
         if comm.is_initialized():
             comm.destroy_process_group()
         else:  # created without DeepSpeed
