@@ -63,3 +63,75 @@ def test_lamb_under_the_deepspeed_engine(zero_stage):
         assert losses[-1] < losses[0] - 0.1, losses
     finally:
         close_distributed()
+
+
+def test_foreach_grad_norm_and_clipping_equal_deepspeeds():
+    from deepspeed.runtime import utils as ds_utils
+
+    from widenet_ds import grad_norm
+
+    grad_norm.use_foreach_grad_norm()
+    deepspeed_norm = grad_norm._DEEPSPEED["get_global_norm_of_tensors"]
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(*shape, generator=g) * scale for shape, scale in (((7, 3), 1.0), ((5,), 30.0), ((2, 2, 2), 1e-3))]
+    tensors.append(torch.randn(4, generator=g).bfloat16())
+    torch.testing.assert_close(grad_norm.global_norm_of_tensors(tensors), deepspeed_norm(tensors), rtol=1e-6, atol=0)
+    assert ds_utils.get_global_norm_of_tensors is grad_norm.global_norm_of_tensors, "installed where DeepSpeed looks"
+    ours, theirs = [t.clone() for t in tensors[:3]], [t.clone() for t in tensors[:3]]
+    grad_norm.clip_tensors_by_global_norm(ours, max_norm=1.0)
+    ds_utils_clip = ds_utils.clip_tensors_by_global_norm  # DeepSpeed's, still in its own module
+    ds_utils_clip(theirs, max_norm=1.0, global_norm=deepspeed_norm(theirs))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    assert torch.linalg.vector_norm(torch.cat([t.flatten() for t in ours])) == pytest.approx(1.0, rel=1e-5)
+    assert grad_norm.global_norm_of_tensors(tensors, norm_type=float("inf")) == max(t.abs().max().float() for t in tensors)
+
+
+def test_the_bf16_engine_steps_alike_with_deepspeeds_and_the_foreach_grad_norm(monkeypatch):
+    """bf16, ZeRO 1, fp32 accumulation (DeepSpeed's BF16_Optimizer), an MoE model, clipping active."""
+    from deepspeed.runtime import bf16_optimizer
+    from deepspeed.runtime import utils as ds_utils
+
+    from widenet_ds import grad_norm
+    from widenet_ds.distributed import close_distributed, init_distributed
+    from widenet_ds.ds_config import check_run_config
+    from widenet_ds.engine import initialize_engine
+
+    raw = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.05,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}, "bf16": {"enabled": True},
+           "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1}}
+    ids = torch.randint(5, 500, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, -100)
+
+    def train(foreach):
+        init_distributed()
+        try:
+            grad_norm.use_foreach_grad_norm()
+            if not foreach:  # DeepSpeed's own functions, for this run only
+                deepspeed_norm = grad_norm._DEEPSPEED["get_global_norm_of_tensors"]
+                for module in (ds_utils, bf16_optimizer):
+                    monkeypatch.setattr(module, "get_global_norm_of_tensors", deepspeed_norm)
+                monkeypatch.setattr(bf16_optimizer, "clip_tensors_by_global_norm", ds_utils.clip_tensors_by_global_norm)
+            run = check_run_config(raw, "test", world_size=1)
+            config = WideNetConfig.from_preset("debug").with_moe_settings(run.moe)
+            torch.manual_seed(0)
+            model = WideNetForPreTraining(config)
+            engine, _, _ = initialize_engine(model, run)
+            assert type(engine.optimizer).__name__ == "BF16_Optimizer"
+            norms = []
+            for _ in range(2):
+                engine.eval()  # no router noise: both runs route alike
+                loss = engine(ids, labels=labels, sentence_order_label=torch.tensor([0, 1, 0, 1])).loss
+                engine.backward(loss)
+                engine.step()
+                norms.append(float(engine.get_global_grad_norm()))
+            return norms, {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        finally:
+            monkeypatch.undo()
+            close_distributed()
+
+    (ours, ours_params), (theirs, theirs_params) = train(True), train(False)
+    assert min(theirs) > 0.05 * 2, "clipping was active"
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    for name, value in theirs_params.items():
+        torch.testing.assert_close(ours_params[name], value, msg=name)

@@ -45,9 +45,13 @@ def initialize_engine(model: nn.Module, run: RunConfig):
     """``deepspeed.initialize`` with our optimizer; returns (engine, optimizer, lr_scheduler).
 
     DeepSpeed creates the expert-parallel groups for every MoE layer here (ep_size from the
-    model, which was built with the JSON's ``moe.ep_size``)."""
+    model, which was built with the JSON's ``moe.ep_size``). DeepSpeed's bf16 optimizer gets
+    multi-tensor gradient norm and clipping (``widenet_ds.grad_norm``)."""
     import deepspeed
 
+    from .grad_norm import use_foreach_grad_norm
+
+    use_foreach_grad_norm()
     optimizer = build_optimizer(model, run.optimizer)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=run.deepspeed)
     return engine, optimizer, scheduler
