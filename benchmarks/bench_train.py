@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import traceback
+import unittest.mock
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +40,7 @@ from widenet_ds import PRESETS, WideNetConfig, WideNetForPreTraining, WideNetMod
 from widenet_ds.config import MOE_IMPLS  # noqa: E402
 from widenet_ds.data.pretraining import num_to_predict  # noqa: E402
 from widenet_ds.ds_config import check_run_config  # noqa: E402
-from widenet_ds.modeling import COMPILE_SCOPES, combine_aux_loss, compile_model  # noqa: E402
+from widenet_ds.modeling import COMPILE_SCOPES, combine_aux_loss, compile_model, fast_moe  # noqa: E402
 
 ZERO_VARIANTS = ("0", "1", "2", "0:fp32", "1:fp32", "2:fp32")
 MLM_HEADS = ("masked", "all")
@@ -489,12 +490,16 @@ def bench_stack(measure: Measure, name: str, impl: str, seq: int, variant: str) 
 
 def parity_check(args: argparse.Namespace, device: torch.device, preset: str = "widenet-base-e4") -> dict[str, Any]:
     """Each fast MoE impl vs the reference on this device: same weights, inputs and router noise, fp32
-    (TF32 off), one training forward + backward. Reports the largest differences (expected: rounding)."""
+    (TF32 off), one training forward + backward. Reports the largest differences (expected: rounding).
+    In fp32 on a GPU the grouped layer would run the batched experts (``grouped_mm_is_fast``); here it
+    is made to run its own fp32 path."""
     batch, seq = (2, 16) if args.smoke else (4, 128)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     runs, report = {}, {"preset": preset, "batch": batch, "seq": seq, "dtype": "float32"}
+    grouped_everywhere = unittest.mock.patch.object(fast_moe, "grouped_mm_is_fast", lambda *a: True)
     try:
+        grouped_everywhere.start()
         for impl in ("deepspeed", *(i for i in MOE_IMPLS if i != "deepspeed")):
             try:
                 torch.manual_seed(0)
@@ -513,6 +518,7 @@ def parity_check(args: argparse.Namespace, device: torch.device, preset: str = "
                 report[impl] = _parity(runs[impl], runs["deepspeed"])
         return report
     finally:
+        grouped_everywhere.stop()
         torch.backends.cuda.matmul.allow_tf32 = tf32
         runs.clear()
         _free(device)
