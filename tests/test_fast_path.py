@@ -244,6 +244,17 @@ def test_compile_model_keeps_names_and_outputs(scope):
     _assert_same(_run(fast, batch, train=True), _run(ref, batch, train=True))
 
 
+@pytest.mark.parametrize("impl", ["batched", "grouped"])
+def test_the_whole_model_traces_as_one_graph(impl):
+    """``compile_model(scope="model")`` is fast because the forward is one graph: a graph break would put
+    Python between the pieces on every step (at ep_size 1; expert parallelism breaks once, by design)."""
+    model = WideNetForPreTraining(_config(impl, None)).bfloat16()
+    batch = _batch(model.config)
+    positions = torch.tensor([[1, 3], [2, -1], [4, -1]])
+    explained = torch._dynamo.explain(model)(**batch, mlm_positions=positions)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_dispatch_combine_and_expert_linear_gradients_are_exact():
     """float64 gradcheck of the fast path's autograd functions, with dropped routes and empty slots."""
     torch.manual_seed(0)
