@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlm_head", nargs="+", default=["masked"], choices=MLM_HEADS,
                    help="train table: run the MLM head at the masked positions only (the collator's "
                         "mlm_positions) or at all positions, each measured; the HF reference runs all")
+    p.add_argument("--optimizer", default="AdamW", choices=["AdamW", "Lamb"],
+                   help="train table: the engine's optimizer (Lamb: widenet_ds.optim.Lamb, as the pretraining configs)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time forward, backward and optimizer separately (sync after each)")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler kernel table per configuration")
@@ -293,12 +295,14 @@ def zero_settings(variant: str) -> dict[str, Any]:
     return {"zero_optimization": zero, **({"data_types": {"grad_accum_dtype": accumulate}} if accumulate else {})}
 
 
-def run_config(config: WideNetConfig, batch: int, device: torch.device, zero: str = "0"):
-    """The DeepSpeed run config of the benchmark: bf16, ZeRO ``zero`` (stage[:fp32]), AdamW, clipping 1.0."""
+def run_config(config: WideNetConfig, batch: int, device: torch.device, zero: str = "0", optimizer: str = "AdamW"):
+    """The DeepSpeed run config of the benchmark: bf16, ZeRO ``zero`` (stage[:fp32]), ``optimizer`` (AdamW or
+    widenet_ds's Lamb, as ds_configs/pretrain_1gpu.json), clipping 1.0."""
     raw = {
         "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-6,
-                                                  "weight_decay": 0.01}},
+        "optimizer": {"type": optimizer, "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-6,
+                                                    "weight_decay": 0.01}},
+        **({"zero_allow_untested_optimizer": True} if optimizer == "Lamb" else {}),
         "gradient_clipping": 1.0, "bf16": {"enabled": True}, "steps_per_print": 10 ** 9, "moe": config.moe,
         **zero_settings(zero),
     }
@@ -393,7 +397,7 @@ def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: s
         with torch.device(device):
             model = WideNetForPreTraining(config)
         apply_compile(model, variant)
-        engine, _, _ = initialize_engine(model, run_config(config, args.batch, device, zero))
+        engine, _, _ = initialize_engine(model, run_config(config, args.batch, device, zero, args.optimizer))
         batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask,
                            mlm_positions=positions is not None)
         routes, losses = [], []
