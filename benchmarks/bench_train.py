@@ -370,7 +370,7 @@ def compile_options(variant: str) -> dict[str, Any]:
             mode = token
         else:
             name, _, value = token.partition("=")
-            options[name] = True if not value else value == "True" if value in ("True", "False") else value
+            options[name] = {"": True, "True": True, "False": False}.get(value, value)
     if not options:
         return {"mode": mode} if mode else {}
     return {"options": {**(list_mode_options(mode) if mode else {}), **options}}  # a mode or options, not both
