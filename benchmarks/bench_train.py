@@ -82,6 +82,7 @@ class Row:
     # a sanity check that a variant trains like the others, e.g. with CUDA graphs)
     loss_first: float | None = None
     loss_last: float | None = None
+    losses: list[float] = field(default_factory=list)  # every step's training loss, warm-up and timed
     time_per_flop_vs_dense: float | None = None  # stack table: (ms / FLOP) / (dense ms / dense FLOP)
     error: str | None = None
     step_ms: list[float] = field(default_factory=list)
@@ -255,7 +256,7 @@ def _profile(step: Callable[[], Any], device: torch.device, path: Path) -> None:
         _sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=80))
 
 
 # ----------------------------------------------------------------------------- inputs and models
@@ -330,7 +331,8 @@ class Measure:
             if self.args.profile:
                 _profile(step, self.device, self.results / "profiles" / f"{_slug(row)}.txt")
             self._fill(row, times, wall_ms, flops_of, routes)
-            row.loss_first, row.loss_last = losses[0].item(), losses[self.args.warmup + self.args.steps - 1].item()
+            row.losses = [round(v, 4) for v in torch.stack(losses[:self.args.warmup + self.args.steps]).tolist()]
+            row.loss_first, row.loss_last = row.losses[0], row.losses[-1]
         except Exception as err:  # noqa: BLE001 - one broken configuration must not stop the run
             row.error = f"{type(err).__name__}: {err}"[:500]
             traceback.print_exc()
