@@ -40,7 +40,8 @@ from widenet_ds import PRESETS, WideNetConfig, WideNetForPreTraining, WideNetMod
 from widenet_ds.config import MOE_IMPLS  # noqa: E402
 from widenet_ds.data.pretraining import num_to_predict  # noqa: E402
 from widenet_ds.ds_config import check_run_config  # noqa: E402
-from widenet_ds.modeling import COMPILE_SCOPES, combine_aux_loss, compile_model, fast_moe  # noqa: E402
+from widenet_ds.modeling import (COMPILE_SCOPES, combine_aux_loss, compile_model, compile_settings,  # noqa: E402
+                                 fast_moe)
 
 ZERO_VARIANTS = ("0", "1", "2", "0:fp32", "1:fp32", "2:fp32")
 MLM_HEADS = ("masked", "all")
@@ -131,8 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.compile = args.compile or ["model"]
     for variant in args.compile:
-        if variant != "none" and variant.split(":")[0] not in COMPILE_SCOPES:
-            p.error(f"--compile {variant}: the scope must be one of none, {', '.join(COMPILE_SCOPES)}")
+        try:
+            compile_settings(variant)
+        except ValueError as err:
+            p.error(f"--compile: {err}")
     if args.smoke:
         args.seqs, args.batch, args.warmup, args.steps, args.matmul_n = [16], 2, 1, 2, 256
     return args
@@ -360,28 +363,10 @@ class Measure:
             row.peak_mem_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
 
 
-def compile_options(variant: str) -> dict[str, Any]:
-    """``torch.compile`` keywords of a variant's ':'-separated settings after the scope: a mode
-    (``torch._inductor.list_mode_options``) and/or Inductor options ``name[=value]`` (e.g.
-    ``model:reduce-overhead``, ``model:cpp_wrapper``, ``model:max-autotune-no-cudagraphs:cpp_wrapper``)."""
-    from torch._inductor import list_mode_options
-
-    mode, options = None, {}
-    for token in variant.split(":")[1:]:
-        if token in list_mode_options():
-            mode = token
-        else:
-            name, _, value = token.partition("=")
-            options[name] = {"": True, "True": True, "False": False}.get(value, value)
-    if not options:
-        return {"mode": mode} if mode else {}
-    return {"options": {**(list_mode_options(mode) if mode else {}), **options}}  # a mode or options, not both
-
-
 def apply_compile(model: torch.nn.Module, variant: str) -> None:
-    """``variant``: 'none' or 'scope[:setting...]' (compile_model with ``compile_options``)."""
+    """``variant``: 'none' or 'scope[:setting...]' (``compile_model``; settings: ``compile_settings``)."""
     if variant != "none":
-        compile_model(model, variant.split(":")[0], **compile_options(variant))
+        compile_model(model, variant)
 
 
 def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: str, zero: str,
@@ -439,7 +424,7 @@ def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
         with torch.device(device):
             model = AlbertForPreTraining(hf_config).to(torch.bfloat16).train()
         if variant != "none":
-            model.compile(**compile_options(variant))
+            model.compile(**compile_settings(variant)[1])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask)
 

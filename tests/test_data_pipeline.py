@@ -46,6 +46,18 @@ def test_files_give_a_tokenizer_a_cache_and_batches_which_later_runs_reuse(tmp_p
     assert again.cache.reused and again.cache.path == data.cache.path
 
 
+def test_a_compiled_run_gets_every_batch_at_max_seq_length(tmp_path):
+    """One shape for a compiled model (no recompiles, one CUDA graph); eager runs pad to the longest."""
+    book = [str(write_book(tmp_path / "text"))]
+    settings = dict(train_files=book, max_seq_length=128, short_seq_prob=0.5)
+    eager = prepare_pretraining_data(_args(**settings), tmp_path / "run", 2)
+    compiled = prepare_pretraining_data(_args(**settings, compile="model:reduce-overhead"), tmp_path / "run", 2)
+    lengths = {kind: {b["input_ids"].shape[1] for b in [*data.train_loader, *data.eval_batches()]}
+               for kind, data in (("eager", eager), ("compiled", compiled))}
+    assert lengths["compiled"] == {128}
+    assert min(lengths["eager"]) < 128, "the fixture has batches shorter than max_seq_length"
+
+
 def test_train_batches_run_on_into_the_next_epoch(tmp_path):
     data = prepare_pretraining_data(_args(train_files=[str(write_book(tmp_path))]), tmp_path / "run", 4)
     batches = data.train_batches()

@@ -18,8 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from widenet_ds import ConfigError, MoESettings, WideNetConfig, WideNetForPreTraining
-from widenet_ds.modeling import (BatchedExperts, FeedForward, GatherMOELayer, compile_model, top_k_route,
-                                 top_k_route_fast)
+from widenet_ds.modeling import (BatchedExperts, FeedForward, GatherMOELayer, compile_model, compile_settings,
+                                 top_k_route, top_k_route_fast)
 from widenet_ds.modeling import fast_moe
 from widenet_ds.modeling.fast_moe import (_Combine, _Dispatch, _ExpertLinear, _RowBias, grouped_mm_is_fast,
                                            route_maps)
@@ -213,6 +213,41 @@ def test_grouped_matmuls_in_bf16_match_the_batched_experts(monkeypatch):
 def test_compile_scope_is_checked():
     with pytest.raises(ValueError, match="compile scope 'all': choose one of model, blocks, parts"):
         compile_model(WideNetForPreTraining(_config("batched")), "all")
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("none", ("none", {})),
+    ("model", ("model", {})),
+    ("model:reduce-overhead", ("model", {"mode": "reduce-overhead"})),
+    ("blocks:combo_kernels", ("blocks", {"options": {"combo_kernels": True}})),
+    ("model:triton.cudagraphs=False:max_autotune_gemm_backends=ATEN",
+     ("model", {"options": {"triton.cudagraphs": False, "max_autotune_gemm_backends": "ATEN"}})),
+])
+def test_compile_settings_parse_scope_mode_and_inductor_options(variant, expected):
+    assert compile_settings(variant) == expected
+
+
+def test_compile_settings_with_a_mode_and_options_keep_the_modes_options():
+    scope, kwargs = compile_settings("model:reduce-overhead:combo_kernels")
+    assert scope == "model" and kwargs["options"]["triton.cudagraphs"] is True  # what reduce-overhead means
+    assert kwargs["options"]["combo_kernels"] is True and "mode" not in kwargs  # torch.compile takes one of them
+
+
+def test_compile_settings_name_every_unknown_piece():
+    with pytest.raises(ValueError) as err:
+        compile_settings("graph:reduce_overhead:no_such_option=1:default:max-autotune")
+    message = str(err.value)
+    for piece in ("scope 'graph': choose one of model, blocks, parts", "'reduce_overhead' is neither a torch.compile "
+                  "mode", "'no_such_option=1' is neither", "one mode at most, got default, max-autotune"):
+        assert piece in message
+
+
+def test_a_bad_compile_setting_stops_the_command_line():
+    from widenet_ds.pretrain import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--compile", "model:cudagraphs"])
+    assert build_parser().parse_args(["--compile", "model:reduce-overhead"]).compile == "model:reduce-overhead"
 
 
 def test_unknown_impl_is_refused_with_the_choices():

@@ -163,7 +163,7 @@ def test_a_compiled_run_checkpoints_exports_and_resumes_eager(tmp_path):
     _launch(args + ["--max_steps", "2", "--output_dir", str(tmp_path / "eager")])
     compiled = tmp_path / "compiled"
     result = _launch(args + ["--max_steps", "2", "--output_dir", str(compiled), "--compile", "model"], timeout=400)
-    assert "compiled the model (scope model)" in result.stdout + result.stderr
+    assert "compiled the model (model)" in result.stdout + result.stderr
     first = {name: _records(tmp_path / name)[0]["loss"] for name in ("eager", "compiled")}
     assert first["compiled"] == pytest.approx(first["eager"], rel=2e-2)
     _, info = WideNetForPreTraining.from_pretrained(compiled / "final", output_loading_info=True)
@@ -306,3 +306,19 @@ def test_a_real_nan_loss_stops_or_skips_as_configured(tmp_path, action):
         assert "4 bad batches in a row, more than nonfinite_loss.max_consecutive (3)" in result.stderr
     assert [c.name for c in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000002",
                                                                                        "step_00000004"]
+
+
+def test_the_metric_window_keeps_its_own_copy_of_a_steps_outputs():
+    """Under CUDA graphs (--compile model:reduce-overhead) a step's outputs live in buffers that the next
+    step overwrites: the window must not hold them."""
+    from types import SimpleNamespace
+
+    from widenet_ds.training import MetricWindow
+
+    window = MetricWindow()
+    loss, counts = torch.tensor(2.0), torch.tensor([[3.0, 1.0]])
+    window.add(SimpleNamespace(loss=loss, expert_counts=counts), tokens=8)
+    loss.fill_(100.0), counts.fill_(100.0)  # the next replay writes its outputs into the same buffers
+    window.add(SimpleNamespace(loss=torch.tensor(4.0), expert_counts=torch.tensor([[1.0, 1.0]])), tokens=8)
+    record = window.record(step=2, lr=1e-3, world=1)
+    assert record["loss"] == 3.0 and record["expert_load"] == [pytest.approx([2 / 3, 1 / 3])]

@@ -34,22 +34,34 @@ def add_launcher_arguments(parser: argparse.ArgumentParser, group) -> None:
     deepspeed.add_config_arguments(parser)
 
 
+def compile_variant(text: str) -> str:
+    """argparse type of ``--compile``: 'none' or 'scope[:setting...]' (``compile_settings``)."""
+    from .modeling import compile_settings
+
+    try:
+        compile_settings(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def add_compile_argument(group) -> None:
-    """``--compile SCOPE``: ``torch.compile`` the model (widenet_ds.modeling.compile_model)."""
-    from .modeling import COMPILE_SCOPES
-
-    group.add_argument("--compile", default="none", choices=("none", *COMPILE_SCOPES),
+    """``--compile SCOPE[:SETTING...]``: ``torch.compile`` the model (widenet_ds.modeling.compile_model)."""
+    group.add_argument("--compile", default="none", type=compile_variant, metavar="SCOPE[:SETTING...]",
                        help="torch.compile the model: 'model' (one graph; on a GPU the fastest, see "
-                            "benchmarks/README.md), 'blocks', 'parts' or 'none'. The first steps compile "
-                            "(about a minute); parameter and checkpoint names do not change")
+                            "benchmarks/README.md), 'blocks', 'parts' or 'none'; settings after the scope: a "
+                            "torch.compile mode, e.g. 'model:reduce-overhead' (CUDA graphs: the least host time "
+                            "per step), and/or Inductor options name[=value]. A compiled pretraining run pads "
+                            "every batch to --max_seq_length (one shape). The first steps compile (about a "
+                            "minute); parameter and checkpoint names do not change")
 
 
-def compile_if_asked(model: torch.nn.Module, scope: str) -> torch.nn.Module:
-    if scope != "none":
+def compile_if_asked(model: torch.nn.Module, variant: str) -> torch.nn.Module:
+    if variant != "none":
         from .modeling import compile_model
 
-        compile_model(model, scope)
-        log.info("compiled the model (scope %s): the first steps are slow", scope)
+        compile_model(model, variant)
+        log.info("compiled the model (%s): the first steps are slow", variant)
     return model
 
 
@@ -117,7 +129,8 @@ class MetricWindow:
             value = getattr(out, key, None)
             if value is not None:
                 value = value.detach().float()
-                self.sums[key] = self.sums[key] + value if key in self.sums else value
+                # a copy: the output may be a buffer the next step overwrites (CUDA graphs)
+                self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
         self.count += 1
         self.tokens += tokens
 

@@ -178,8 +178,12 @@ def prepare_pretraining_data(args: argparse.Namespace, output_dir: str | Path,
     tokenizer, tokenizer_dir = _rank_zero_first(lambda: _tokenizer(args, corpus, output_dir))
     cache = _rank_zero_first(lambda: build_pretraining_cache(corpus, tokenizer, output_dir / "data_cache", config,
                                                              args.num_proc))
+    # a compiled model gets one batch shape (a new length would compile again, and record another
+    # CUDA graph): every batch padded to max_seq_length, as BERT's own pretraining data
+    static = getattr(args, "compile", "none") != "none"
     collator = PretrainingCollator.from_tokenizer(tokenizer, seed=args.seed, mask_prob=args.masked_lm_prob,
-                                                  max_ngram=args.max_ngram)
+                                                  max_ngram=args.max_ngram,
+                                                  pad_to_length=args.max_seq_length if static else None)
     loader, sampler = make_pretraining_dataloader(cache.dataset("train"), collator, micro_batch_size,
                                                   seed=args.seed, drop_last=True)
     if len(loader) == 0:

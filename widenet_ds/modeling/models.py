@@ -8,6 +8,7 @@ routing calls of the forward), and per-call expert counts and dropped-token frac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -269,10 +270,65 @@ class WideNetForSequenceClassification(WideNetPreTrainedModel):
 COMPILE_SCOPES = ("model", "blocks", "parts")
 
 
+def compile_settings(variant: str) -> tuple[str, dict[str, Any]]:
+    """``'scope[:setting...]'`` -> ``(scope, torch.compile keywords)``; ``'none'`` -> ``('none', {})``.
+
+    A setting is a ``torch.compile`` mode (``torch._inductor.list_mode_options()``, e.g.
+    ``reduce-overhead``: CUDA graphs) or an Inductor option ``name[=value]`` (``torch._inductor.config``,
+    e.g. ``combo_kernels``; a bare name means True). Examples: ``model``, ``model:reduce-overhead``,
+    ``model:max-autotune-no-cudagraphs:combo_kernels``. Raises ``ValueError`` naming every unknown piece.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor import list_mode_options
+
+    scope, *settings = variant.split(":")
+    if scope == "none" and not settings:
+        return scope, {}
+    problems = [] if scope in COMPILE_SCOPES else [f"scope {scope!r}: choose one of {', '.join(COMPILE_SCOPES)}"]
+    modes, options = [], {}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        if setting in list_mode_options():
+            modes.append(setting)
+        elif _has_option(inductor_config, name):
+            options[name] = _option_value(value)
+        else:
+            problems.append(f"{setting!r} is neither a torch.compile mode ({', '.join(list_mode_options())}) "
+                            "nor an Inductor option (torch._inductor.config)")
+    if len(modes) > 1:
+        problems.append(f"one mode at most, got {', '.join(modes)}")
+    if problems:
+        raise ValueError(f"compile setting {variant!r}: " + "; ".join(problems))
+    if not options:
+        return scope, {"mode": modes[0]} if modes else {}
+    # torch.compile takes a mode or options, not both: the mode's options, then the ones given
+    return scope, {"options": {**(list_mode_options(modes[0]) if modes else {}), **options}}
+
+
+def _has_option(config, dotted: str) -> bool:
+    head, _, rest = dotted.partition(".")
+    if not head or not hasattr(config, head):
+        return False
+    return not rest or _has_option(getattr(config, head), rest)
+
+
+def _option_value(text: str) -> Any:
+    """'' and 'True' -> True, 'False' -> False, integers and floats as numbers, else the text."""
+    if text in ("", "True", "False"):
+        return text != "False"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def compile_model(model: nn.Module, scope: str = "model", **options) -> nn.Module:
     """``torch.compile`` (with ``options``) a WideNet model or encoder in place; returns it.
 
-    Scopes, largest first (all keep parameter and state-dict names):
+    ``scope`` may carry settings (``'model:reduce-overhead'``, see ``compile_settings``); ``options``
+    are further ``torch.compile`` keywords. Scopes, largest first (all keep parameter and state-dict names):
 
     - ``model``: ``model`` as one graph (forward and backward each one compiled region; the fewest
       host operations per step). With expert parallelism the graph breaks where the ranks agree
@@ -284,8 +340,10 @@ def compile_model(model: nn.Module, scope: str = "model", **options) -> nn.Modul
 
     Compiled router noise and dropout draw other random numbers than eager (same distributions).
     """
-    if scope not in COMPILE_SCOPES:
+    if scope.split(":")[0] not in COMPILE_SCOPES:
         raise ValueError(f"compile scope {scope!r}: choose one of {', '.join(COMPILE_SCOPES)}")
+    scope, settings = compile_settings(scope)
+    options = {**settings, **options}
     if scope == "model":
         model.compile(**options)
         return model
