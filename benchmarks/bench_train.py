@@ -40,6 +40,7 @@ from widenet_ds import PRESETS, WideNetConfig, WideNetForPreTraining, WideNetMod
 from widenet_ds.config import MOE_IMPLS  # noqa: E402
 from widenet_ds.data.pretraining import num_to_predict  # noqa: E402
 from widenet_ds.ds_config import check_run_config  # noqa: E402
+from benchmarks.text_batches import KEYS as TEXT_KEYS  # noqa: E402
 from widenet_ds.modeling import (COMPILE_SCOPES, combine_aux_loss, compile_model, compile_settings,  # noqa: E402
                                  fast_moe)
 
@@ -106,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--capacity_factor", type=float, default=1.2, help="C in training")
+    p.add_argument("--batches", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="train and hf tables: real-text batches (benchmarks/text_batches.py), one file per "
+                        "sequence length, cycled through; default one fixed batch of random ids")
     p.add_argument("--no_attention_mask", action="store_true",
                    help="pass attention_mask=None (unpadded batches: SDPA may use flash attention)")
     p.add_argument("--compile", nargs="*", default=["none"], metavar="SCOPE[:SETTING...]",
@@ -138,7 +142,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--compile: {err}")
     if args.smoke:
         args.seqs, args.batch, args.warmup, args.steps, args.matmul_n = [16], 2, 1, 2, 256
+    args.text = load_text_batches(p, args)
     return args
+
+
+def load_text_batches(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    """``--batches`` files by sequence length, checked against the run's shapes before any compute."""
+    text = {}
+    for path in args.batches:
+        if not path.is_file():
+            p.error(f"--batches {path}: no such file (make it with benchmarks/text_batches.py)")
+        saved = torch.load(path, weights_only=True)
+        if saved["batch"] != args.batch:
+            p.error(f"--batches {path}: {saved['batch']} sequences per batch, the run uses --batch {args.batch}")
+        text[saved["seq"]] = {**saved, "path": str(path)}
+    if text and args.no_attention_mask:
+        p.error("--no_attention_mask: real-text batches are padded and need their attention mask")
+    missing = [seq for seq in args.seqs if text and seq not in text]
+    if missing and {"train", "hf"} & set(args.tables):
+        p.error(f"--batches has no file for --seqs {missing} (files for {sorted(text)})")
+    return text
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -284,6 +307,22 @@ def make_batch(vocab: int, batch: int, seq: int, device: torch.device, mask: boo
     return {k: v.to(device) for k, v in out.items()}
 
 
+def batch_feed(args: argparse.Namespace, vocab: int, seq: int, device: torch.device,
+               mlm_positions: bool) -> Callable[[], dict[str, torch.Tensor]]:
+    """Each call the next training batch: ``--batches`` cycled through (moved to the device once), or
+    ``make_batch``'s fixed one. ``mlm_positions`` False drops them (the MLM head at every position)."""
+    if seq not in args.text:
+        fixed = make_batch(vocab, args.batch, seq, device, not args.no_attention_mask, mlm_positions=mlm_positions)
+        return lambda: fixed
+    saved = args.text[seq]
+    if int(saved["input_ids"].max()) >= vocab:
+        raise ValueError(f"{saved['path']}: token ids up to {int(saved['input_ids'].max())}, the model has {vocab}")
+    keys = [k for k in TEXT_KEYS if mlm_positions or k != "mlm_positions"]
+    batches = [{k: saved[k][i].to(device, torch.long) for k in keys} for i in range(len(saved["input_ids"]))]
+    position = iter(range(10 ** 12))
+    return lambda: batches[next(position) % len(batches)]
+
+
 def model_config(preset: str, args: argparse.Namespace, impl: str, **overrides: Any) -> WideNetConfig:
     sizes = SMOKE_SIZES if args.smoke else {}
     moe = {"capacity_factor": args.capacity_factor, "eval_capacity_factor": args.capacity_factor, "impl": impl}
@@ -385,12 +424,11 @@ def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: s
             model = WideNetForPreTraining(config)
         apply_compile(model, variant)
         engine, _, _ = initialize_engine(model, run_config(config, args.batch, device, zero, args.optimizer))
-        batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask,
-                           mlm_positions=positions is not None)
+        feed = batch_feed(args, config.vocab_size, seq, device, mlm_positions=positions is not None)
         routes, losses = [], []
 
         def step(mark=_no_mark):
-            out = engine(**batch)
+            out = engine(**feed())
             losses.append(out.loss.detach().clone())
             mark("forward")
             engine.backward(out.loss)
@@ -426,12 +464,12 @@ def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
         if variant != "none":
             model.compile(**compile_settings(variant)[1])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        batch = make_batch(config.vocab_size, args.batch, seq, device, not args.no_attention_mask)
+        feed = batch_feed(args, config.vocab_size, seq, device, mlm_positions=False)
 
         losses = []
 
         def step(mark=_no_mark):
-            loss = model(**batch).loss
+            loss = model(**feed()).loss
             losses.append(loss.detach().clone())
             mark("forward")
             loss.backward()
@@ -571,8 +609,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
              f"{meta['device']}, torch {meta['torch']}, deepspeed {meta['deepspeed']}, transformers "
              f"{meta['transformers']}; batch {meta['args']['batch']}, bf16, ceiling {meta['ceiling_tflops']:.3g} "
              f"TFLOP/s (bf16 {meta['args']['matmul_n']}^3 matmul); median of {meta['args']['steps']} steps after "
-             f"{meta['args']['warmup']}; attention mask {'none' if meta['args']['no_attention_mask'] else 'all ones'}"
-             ".", "",
+             f"{meta['args']['warmup']}; {_data_line(meta)}.", "",
              f"Fast vs reference MoE path, same weights and inputs (fp32): {meta.get('parity')}", ""]
     head = ("| model | MoE impl | compile | ZeRO | MLM head | seq | ms / step | tokens / s | model TFLOP / step | MFU "
             "| peak GiB | kept routes / token | loss, first -> last step |")
@@ -607,6 +644,13 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
                          + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _data_line(meta: dict[str, Any]) -> str:
+    if meta.get("batches"):
+        return "batches: " + "; ".join(meta["batches"])
+    return (f"one fixed batch of random ids, attention mask "
+            f"{'none' if meta['args']['no_attention_mask'] else 'all ones'}")
 
 
 def write_results(rows: list[Row], meta: dict[str, Any], out: Path) -> tuple[Path, Path]:
@@ -647,7 +691,10 @@ def metadata(args: argparse.Namespace, device: torch.device, ceiling: float) -> 
     stem = args.name or f"{name.replace(' ', '-').lower()}-{time.strftime('%Y%m%d-%H%M%S')}"
     return {"name": stem, "device": name, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__, "ceiling_tflops": ceiling,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "args": {k: json.loads(json.dumps(v, default=str)) for k, v in vars(args).items() if k != "text"},
+            "batches": [f"{len(t['input_ids'])} real-text batches of seq {seq} from {t['path']} (text: "
+                        f"{', '.join(Path(s).name for s in t['source'])}; "
+                        f"{t['attention_mask'].float().mean().item():.1%} real tokens)" for seq, t in args.text.items()],
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

@@ -376,6 +376,45 @@ def test_benchmark_script_runs_on_cpu_in_smoke_mode(tmp_path):
     assert "## Phases (--breakdown)" in table
 
 
+def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
+    """benchmarks/text_batches.py (the pretraining data path on the fixture book) -> bench_train --batches:
+    every step takes the next batch of the file."""
+    from data.helpers import VOCAB_SIZE, write_book
+
+    made = tmp_path / "text.pt"
+    maker = [sys.executable, str(BENCH.parent / "text_batches.py"), "--text", str(write_book(tmp_path / "text")),
+             "--seq", "16", "--batch", "2", "--count", "2", "--vocab_size", str(VOCAB_SIZE),
+             "--work_dir", str(tmp_path / "work"), "--out", str(made)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(maker, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = torch.load(made, weights_only=True)
+    assert saved["input_ids"].shape == (2, 2, 16) and saved["mlm_positions"].shape[:2] == (2, 2)
+    assert (saved["labels"] != -100).sum() == (saved["mlm_positions"] >= 0).sum() > 0
+
+    command = [sys.executable, str(BENCH), "--smoke", "--tables", "train", "hf", "--presets", "widenet-base-e4",
+               "--impls", "grouped", "--warmup", "1", "--batches", str(made), "--out", str(tmp_path), "--name", "t"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "t.json").read_text())
+    assert [r["error"] for r in results["rows"]] == [None, None]
+    assert "2 real-text batches of seq 16" in results["meta"]["batches"][0]
+    assert all(len(r["losses"]) == 3 for r in results["rows"])
+
+    bench = _bench_module()
+    args = bench.parse_args(["--smoke", "--batches", str(made)])
+    feed = bench.batch_feed(args, vocab=512, seq=16, device=torch.device("cpu"), mlm_positions=True)
+    for step in range(5):  # the file's batches in turn, each key as saved
+        batch = feed()
+        assert {k: v.dtype for k, v in batch.items()} == {k: torch.long for k in bench.TEXT_KEYS}
+        assert all(torch.equal(batch[k], saved[k][step % 2].long()) for k in bench.TEXT_KEYS)
+    assert "mlm_positions" not in bench.batch_feed(args, 512, 16, torch.device("cpu"), mlm_positions=False)()
+    with pytest.raises(SystemExit):  # another batch size than the file's, before any compute
+        bench.parse_args(["--batches", str(made), "--batch", "4", "--seqs", "16"])
+    with pytest.raises(SystemExit):  # no file for a sequence length of the run
+        bench.parse_args(["--batches", str(made), "--batch", "2", "--seqs", "16", "32"])
+
+
 def test_expert_parallel_benchmark_runs_on_two_cpu_ranks(tmp_path):
     out = tmp_path / "ep2.json"
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
