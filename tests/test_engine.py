@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from widenet_ds import WideNetConfig, WideNetForPreTraining
+from widenet_ds import ConfigError, WideNetConfig, WideNetForPreTraining
 from widenet_ds.engine import build_optimizer, param_groups
 
 
@@ -135,3 +135,59 @@ def test_the_bf16_engine_steps_alike_with_deepspeeds_and_the_foreach_grad_norm(m
     assert ours == pytest.approx(theirs, rel=1e-5)
     for name, value in theirs_params.items():
         torch.testing.assert_close(ours_params[name], value, msg=name)
+
+
+def test_immediate_grad_update_keeps_no_gradient_between_micro_batches_and_trains_alike():
+    """What CUDA graphs need with gradient accumulation (widenet_ds.training.check_cuda_graphs): DeepSpeed's bf16
+    optimizer with ``immediate_grad_update`` (ds_configs/pretrain_1gpu.json) moves each gradient into its fp32
+    buffer during backward, so no ``param.grad`` outlives a micro-batch (a CUDA-graph replay would overwrite it);
+    the default keeps them. Both reach the same weights: 2 steps of 2 micro-batches, clipping active."""
+    import json
+    from pathlib import Path
+
+    from widenet_ds.distributed import close_distributed, init_distributed
+    from widenet_ds.ds_config import check_run_config
+    from widenet_ds.engine import initialize_engine
+    from widenet_ds.training import check_cuda_graphs
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "pretrain_1gpu.json").read_text())
+    ids = torch.randint(5, 500, (2, 4, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, -100)
+
+    def train(immediate):
+        raw = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 0.05,
+               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "bf16": {**shipped["bf16"]},
+               "data_types": shipped["data_types"], "zero_optimization": shipped["zero_optimization"]}
+        raw["bf16"]["immediate_grad_update"] = immediate
+        run = check_run_config(raw, "test", world_size=1)
+        if immediate:
+            check_cuda_graphs("model:reduce-overhead", run)  # accepted
+        else:
+            with pytest.raises(ConfigError, match="immediate_grad_update"):
+                check_cuda_graphs("model:reduce-overhead", run)
+        init_distributed()
+        try:
+            config = WideNetConfig.from_preset("debug").with_moe_settings(run.moe)
+            torch.manual_seed(0)
+            model = WideNetForPreTraining(config)
+            initial = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+            engine, _, _ = initialize_engine(model, run)
+            kept = []
+            engine.eval()  # no router noise: both runs route alike
+            for micro in range(4):
+                sop = torch.tensor([0, 1, 0, 1])
+                loss = engine(ids[micro % 2], labels=labels[micro % 2], sentence_order_label=sop).loss
+                engine.backward(loss)
+                kept.append(sum(p.grad is not None for p in model.parameters()))
+                engine.step()
+            trained = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+            assert all(not torch.equal(trained[n], v) for n, v in initial.items() if "encoder" in n), "all trained"
+            return kept, trained
+        finally:
+            close_distributed()
+
+    (kept_immediate, immediate), (kept_default, default) = train(True), train(False)
+    assert kept_immediate == [0, 0, 0, 0]
+    assert min(kept_default) > 0, "the default keeps the micro-batch gradients (what the check refuses)"
+    for name, value in default.items():
+        torch.testing.assert_close(immediate[name], value, msg=name)

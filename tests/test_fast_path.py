@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from widenet_ds import ConfigError, MoESettings, WideNetConfig, WideNetForPreTraining
 from widenet_ds.modeling import (BatchedExperts, FeedForward, GatherMOELayer, compile_model, compile_settings,
-                                 top_k_route, top_k_route_fast)
+                                 top_k_route, top_k_route_fast, uses_cuda_graphs)
 from widenet_ds.modeling import fast_moe
 from widenet_ds.modeling.fast_moe import (_Combine, _Dispatch, _ExpertLinear, _RowBias, grouped_mm_is_fast,
                                            route_maps)
@@ -231,6 +231,13 @@ def test_compile_settings_with_a_mode_and_options_keep_the_modes_options():
     scope, kwargs = compile_settings("model:reduce-overhead:combo_kernels")
     assert scope == "model" and kwargs["options"]["triton.cudagraphs"] is True  # what reduce-overhead means
     assert kwargs["options"]["combo_kernels"] is True and "mode" not in kwargs  # torch.compile takes one of them
+
+
+@pytest.mark.parametrize("variant, graphs", [("none", False), ("model", False), ("model:reduce-overhead", True),
+                                             ("blocks:max-autotune", True), ("model:max-autotune-no-cudagraphs", False),
+                                             ("model:triton.cudagraphs", True), ("model:combo_kernels", False)])
+def test_uses_cuda_graphs(variant, graphs):
+    assert uses_cuda_graphs(variant) is graphs
 
 
 def test_compile_settings_name_every_unknown_piece():

@@ -193,6 +193,14 @@ def test_user_mistakes_are_refused_before_any_compute(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         run(COMMON + ["--train_files", *corpus, "--resume", str(tmp_path / "missing"),
                       "--output_dir", str(tmp_path / "f")])
+    accumulating = tmp_path / "accumulating.json"  # bf16 without immediate_grad_update keeps param.grad
+    accumulating.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                                        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+                                        "bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="overwrite the gradients this engine keeps between the 2 micro-batches"):
+        run(COMMON + ["--train_files", *corpus, "--deepspeed_config", str(accumulating), "--compile",
+                      "model:reduce-overhead", "--output_dir", str(tmp_path / "g")])
+    assert not (tmp_path / "g" / "tokenizer").exists(), "refused before the tokenizer was trained"
 
 
 def _wait_for_step(metrics: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -322,3 +330,4 @@ def test_the_metric_window_keeps_its_own_copy_of_a_steps_outputs():
     window.add(SimpleNamespace(loss=torch.tensor(4.0), expert_counts=torch.tensor([[1.0, 1.0]])), tokens=8)
     record = window.record(step=2, lr=1e-3, world=1)
     assert record["loss"] == 3.0 and record["expert_load"] == [pytest.approx([2 / 3, 1 / 3])]
+

@@ -44,8 +44,8 @@ from .glue import TaskSpec, collate, compute_metrics, encode, get_task, load_spl
 from .guards import NonFiniteGuard
 from .metrics_log import MetricsWriter, get_logger, is_main_process
 from .modeling import WideNetForSequenceClassification
-from .training import (REPO_ROOT, MetricWindow, add_compile_argument, add_launcher_arguments, compile_if_asked,
-                       parse_overrides, train_step, write_run_record)
+from .training import (REPO_ROOT, MetricWindow, add_compile_argument, add_launcher_arguments, check_cuda_graphs,
+                       compile_if_asked, parse_overrides, train_step, write_run_record)
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def setup(args: argparse.Namespace) -> Job:
     ds_config = args.deepspeed_config or REPO_ROOT / "ds_configs" / f"finetune_{task.name}.json"
     run, max_steps = resolve_run(ds_config, int(os.environ.get("WORLD_SIZE", "1")), args.max_steps, args.epochs,
                                  len(examples["train"]))
+    check_cuda_graphs(args.compile, run)
     config = start.config.with_moe_settings(run.moe)
     if not task.is_regression:
         config.id2label = dict(enumerate(task.label_names))

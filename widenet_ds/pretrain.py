@@ -24,8 +24,8 @@ from .ds_config import RunConfig, load_run_config
 from .guards import NonFiniteGuard
 from .metrics_log import MetricsWriter, get_logger, is_main_process
 from .modeling import WideNetForPreTraining, mlm_labels_at
-from .training import (REPO_ROOT, MetricWindow, add_compile_argument, add_launcher_arguments, compile_if_asked,
-                       parse_overrides, train_step, write_run_record)
+from .training import (REPO_ROOT, MetricWindow, add_compile_argument, add_launcher_arguments, check_cuda_graphs,
+                       compile_if_asked, parse_overrides, train_step, write_run_record)
 
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def setup(args: argparse.Namespace) -> Job:
     world = dist.get_world_size()
     run = load_run_config(args.deepspeed_config or DEFAULT_DS_CONFIG, world_size=world,
                           cuda=torch.cuda.is_available(), max_steps=args.max_steps)
+    check_cuda_graphs(args.compile, run)
     overrides = parse_overrides(args.override)
     WideNetConfig.from_preset(args.preset, **overrides).with_moe_settings(run.moe)  # fail before data work
     output_dir = Path(args.output_dir)

@@ -5,11 +5,11 @@ from .gate import WideNetGate, expert_capacity, load_balance_loss, top_k_route, 
 from .layers import Attention, Block, Embeddings, Encoder, FeedForward, MoEFeedForward, RoutingStats
 from .models import (WideNetForMaskedLM, WideNetForPreTraining, WideNetForSequenceClassification, WideNetModel,
                      WideNetPreTrainedModel, COMPILE_SCOPES, at_positions, combine_aux_loss, compile_model,
-                     compile_settings, mlm_labels_at)
+                     compile_settings, mlm_labels_at, uses_cuda_graphs)
 
 __all__ = [
     "COMPILE_SCOPES", "Attention", "BatchedExperts", "Block", "Embeddings", "Encoder", "FeedForward", "GatherMOELayer",
     "MoEFeedForward", "RoutingStats", "WideNetGate", "WideNetForMaskedLM", "WideNetForPreTraining",
     "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel", "at_positions", "combine_aux_loss",
-    "compile_model", "compile_settings", "expert_capacity", "load_balance_loss", "mlm_labels_at", "top_k_route", "top_k_route_fast",
+    "compile_model", "compile_settings", "expert_capacity", "load_balance_loss", "mlm_labels_at", "top_k_route", "top_k_route_fast", "uses_cuda_graphs",
 ]

@@ -305,6 +305,16 @@ def compile_settings(variant: str) -> tuple[str, dict[str, Any]]:
     return scope, {"options": {**(list_mode_options(modes[0]) if modes else {}), **options}}
 
 
+def uses_cuda_graphs(variant: str) -> bool:
+    """Whether a ``compile_settings`` variant records CUDA graphs (``reduce-overhead``, ``max-autotune``,
+    ``triton.cudagraphs``)."""
+    from torch._inductor import list_mode_options
+
+    _, kwargs = compile_settings(variant)
+    options = list_mode_options(kwargs["mode"]) if "mode" in kwargs else kwargs.get("options", {})
+    return bool(options.get("triton.cudagraphs", False))
+
+
 def _has_option(config, dotted: str) -> bool:
     head, _, rest = dotted.partition(".")
     if not head or not hasattr(config, head):
