@@ -331,3 +331,43 @@ def test_the_metric_window_keeps_its_own_copy_of_a_steps_outputs():
     record = window.record(step=2, lr=1e-3, world=1)
     assert record["loss"] == 3.0 and record["expert_load"] == [pytest.approx([2 / 3, 1 / 3])]
 
+
+def test_evaluate_scores_the_held_out_batches():
+    """MLM accuracy over the masked positions, SOP accuracy and the mean loss of the first eval_batches batches;
+    the sums stay on the engine's device (NCCL reduces no host tensors; a GPU run failed on that once)."""
+    from types import SimpleNamespace
+
+    from widenet_ds.config import WideNetConfig
+    from widenet_ds.pretrain import evaluate
+
+    torch.manual_seed(0)
+    model = WideNetForPreTraining(WideNetConfig.from_preset("debug", vocab_size=50))
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(5, 50, (4, 12), generator=g)
+        labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100)
+        batches.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+                        "sentence_order_label": torch.randint(0, 2, (4,), generator=g)})
+    def engine(**batch):  # the DeepSpeed engine's part here: forward, device, mode switches
+        return model(**batch)
+
+    engine.device, engine.eval, engine.train = torch.device("cpu"), model.eval, model.train
+    job = SimpleNamespace(engine=engine, args=SimpleNamespace(eval_batches=2),
+                          data=SimpleNamespace(eval_batches=lambda: iter(batches)))
+    result = evaluate(job)
+    assert model.training, "back in training mode"
+
+    model.eval()
+    correct = total = sop_correct = 0
+    losses = []
+    with torch.no_grad():
+        for batch in batches[:2]:
+            out = model(**batch)
+            masked = batch["labels"] != -100
+            correct += (out.prediction_logits.argmax(-1)[masked] == batch["labels"][masked]).sum().item()
+            total += masked.sum().item()
+            sop_correct += (out.sop_logits.argmax(-1) == batch["sentence_order_label"]).sum().item()
+            losses.append(out.loss.item())
+    assert result == pytest.approx({"eval_mlm_accuracy": correct / total, "eval_sop_accuracy": sop_correct / 8,
+                                    "eval_loss": sum(losses) / 2})

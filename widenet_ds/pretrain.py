@@ -127,10 +127,13 @@ def setup(args: argparse.Namespace) -> Job:
 
 
 def evaluate(job: Job) -> dict[str, float]:
-    """MLM accuracy (masked positions), SOP accuracy and losses on the held-out split."""
+    """MLM accuracy (masked positions), SOP accuracy and losses on the held-out split.
+
+    The sums stay on the engine's device (one host read at the end; NCCL reduces device tensors only)."""
     engine = job.engine
     engine.eval()
-    sums = torch.zeros(6, dtype=torch.float64)  # mlm correct, mlm total, sop correct, sop total, loss, batches
+    # mlm correct, mlm total, sop correct, sop total, loss, batches
+    sums = torch.zeros(6, dtype=torch.float64, device=engine.device)
     with torch.no_grad():
         for i, batch in enumerate(job.data.eval_batches()):
             if i >= job.args.eval_batches:
@@ -139,17 +142,16 @@ def evaluate(job: Job) -> dict[str, float]:
             out = engine(**batch)
             labels = mlm_labels_at(batch["labels"], batch.get("mlm_positions"))
             masked = labels != -100
-            sums += torch.tensor([
-                (out.prediction_logits.argmax(-1)[masked] == labels[masked]).sum().item(),
-                masked.sum().item(),
-                (out.sop_logits.argmax(-1) == batch["sentence_order_label"]).sum().item(),
-                batch["sentence_order_label"].numel(), out.loss.item(), 1], dtype=torch.float64)
+            sop = batch["sentence_order_label"]
+            sums += torch.stack([((out.prediction_logits.argmax(-1) == labels) & masked).sum(), masked.sum(),
+                                 (out.sop_logits.argmax(-1) == sop).sum(), sop.new_tensor(sop.numel()),
+                                 out.loss.detach(), sop.new_tensor(1)]).double()
     engine.train()
     if dist.is_initialized():
         dist.all_reduce(sums)
-    return {"eval_mlm_accuracy": sums[0].item() / max(sums[1].item(), 1),
-            "eval_sop_accuracy": sums[2].item() / max(sums[3].item(), 1),
-            "eval_loss": sums[4].item() / max(sums[5].item(), 1)}
+    mlm_correct, mlm_total, sop_correct, sop_total, loss, batches = sums.tolist()
+    return {"eval_mlm_accuracy": mlm_correct / max(mlm_total, 1), "eval_sop_accuracy": sop_correct / max(sop_total, 1),
+            "eval_loss": loss / max(batches, 1)}
 
 
 def _save(job: Job) -> None:
