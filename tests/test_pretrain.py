@@ -137,6 +137,7 @@ def test_checkpoint_saved_with_ep2_loads_with_ep1_and_back(ep2_run, tmp_path):
 
 
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):
+    """Resumed with DataLoader workers (the first run had none): the same batches, the same losses."""
     out = tmp_path / "run"
     args = COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--output_dir", str(out),
                      "--max_steps", "8", "--save_every", "4", "--eval_every", "0", "--keep_last", "5"]
@@ -145,7 +146,7 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):
     # As if the run had died after step 6: the step-8 checkpoint never completed.
     (out / "checkpoints" / "step_00000008" / "complete.json").unlink()
     (out / "metrics.jsonl").unlink()
-    _launch(args + ["--resume", "auto"])
+    _launch(args + ["--resume", "auto", "--loader_workers", "2"])  # worker processes mask the same batches
     resumed = {r["step"]: r["loss"] for r in _records(out)}
     assert sorted(resumed) == [5, 6, 7, 8]
     for step, loss in resumed.items():

@@ -31,6 +31,12 @@ DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
 log = logging.getLogger(__name__)
 
 
+def _workers(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of processes, 0 or more")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Pretrain WideNet / ALBERT / BERT with MLM + SOP on DeepSpeed.")
     data = p.add_argument_group("data")
@@ -48,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_ngram", type=int, default=3)
     data.add_argument("--eval_fraction", type=float, default=0.02, help="documents held out for evaluation")
     data.add_argument("--num_proc", type=int, default=1, help="processes for tokenization")
+    data.add_argument("--loader_workers", type=_workers, default=None,
+                      help="DataLoader worker processes that assemble and mask the next batches while the GPU "
+                           "trains (the batches and resume do not depend on it); default 2 with a GPU, 0 on CPU")
     model = p.add_argument_group("model")
     model.add_argument("--preset", default="widenet-small", choices=sorted(PRESETS))
     model.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
