@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import logging
 import platform
@@ -319,8 +320,8 @@ def batch_feed(args: argparse.Namespace, vocab: int, seq: int, device: torch.dev
         raise ValueError(f"{saved['path']}: token ids up to {int(saved['input_ids'].max())}, the model has {vocab}")
     keys = [k for k in TEXT_KEYS if mlm_positions or k != "mlm_positions"]
     batches = [{k: saved[k][i].to(device, torch.long) for k in keys} for i in range(len(saved["input_ids"]))]
-    position = iter(range(10 ** 12))
-    return lambda: batches[next(position) % len(batches)]
+    turn = itertools.count()
+    return lambda: batches[next(turn) % len(batches)]
 
 
 def model_config(preset: str, args: argparse.Namespace, impl: str, **overrides: Any) -> WideNetConfig:
@@ -691,10 +692,12 @@ def metadata(args: argparse.Namespace, device: torch.device, ceiling: float) -> 
     stem = args.name or f"{name.replace(' ', '-').lower()}-{time.strftime('%Y%m%d-%H%M%S')}"
     return {"name": stem, "device": name, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__, "ceiling_tflops": ceiling,
-            "args": {k: json.loads(json.dumps(v, default=str)) for k, v in vars(args).items() if k != "text"},
+            "args": {k: json.loads(json.dumps(v, default=str)) for k, v in vars(args).items()
+                     if k != "text"},
             "batches": [f"{len(t['input_ids'])} real-text batches of seq {seq} from {t['path']} (text: "
                         f"{', '.join(Path(s).name for s in t['source'])}; "
-                        f"{t['attention_mask'].float().mean().item():.1%} real tokens)" for seq, t in args.text.items()],
+                        f"{t['attention_mask'].float().mean().item():.1%} real tokens)"
+                        for seq, t in args.text.items()],
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

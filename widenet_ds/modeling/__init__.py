@@ -11,5 +11,6 @@ __all__ = [
     "COMPILE_SCOPES", "Attention", "BatchedExperts", "Block", "Embeddings", "Encoder", "FeedForward", "GatherMOELayer",
     "MoEFeedForward", "RoutingStats", "WideNetGate", "WideNetForMaskedLM", "WideNetForPreTraining",
     "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel", "at_positions", "combine_aux_loss",
-    "compile_model", "compile_settings", "expert_capacity", "load_balance_loss", "mlm_labels_at", "top_k_route", "top_k_route_fast", "uses_cuda_graphs",
+    "compile_model", "compile_settings", "expert_capacity", "load_balance_loss", "mlm_labels_at", "top_k_route",
+    "top_k_route_fast", "uses_cuda_graphs",
 ]
