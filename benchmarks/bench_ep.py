@@ -27,9 +27,10 @@ from widenet_ds import WideNetConfig, WideNetForPreTraining  # noqa: E402
 from widenet_ds.distributed import close_distributed, init_distributed  # noqa: E402
 from widenet_ds.ds_config import check_run_config  # noqa: E402
 from widenet_ds.engine import initialize_engine  # noqa: E402
-from widenet_ds.modeling import compile_model  # noqa: E402
+from widenet_ds.modeling import compile_model, compile_settings  # noqa: E402
 
-from bench_train import ZERO_VARIANTS, zero_settings  # noqa: E402  (this folder: the same ZeRO variants)
+# this folder: the same ZeRO variants, batches and MLM head as the train table
+from bench_train import MLM_HEADS, ZERO_VARIANTS, batch_feed, load_text_batches, zero_settings  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,12 +45,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ZeRO stage; '1:fp32' accumulates gradients in fp32 (DeepSpeed's BF16_Optimizer)")
     p.add_argument("--impl", default="batched", choices=("batched", "grouped", "deepspeed"),
                    help="moe.impl (grouped needs ep_size 1; at ep_size > 1 it runs batched)")
-    p.add_argument("--compile", default="none", choices=("none", "model", "blocks", "parts"),
-                   help="widenet_ds.modeling.compile_model scope")
+    p.add_argument("--compile", default="none",
+                   help="'none' or a compile_model scope with settings, as bench_train.py (e.g. model:reduce-overhead)")
+    p.add_argument("--mlm_head", default="masked", choices=MLM_HEADS,
+                   help="the MLM head at the masked positions only (mlm_positions, as the pretraining job) or all")
+    p.add_argument("--batches", nargs="*", type=Path, default=[], metavar="FILE",
+                   help="real-text batches (benchmarks/text_batches.py) of --seq and --batch; rank r takes every "
+                        "world-th one from the r-th; default a fixed random batch per rank")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="debug preset on CPU, 2 steps")
     p.add_argument("--local_rank", type=int, default=-1)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        compile_settings(args.compile)
+    except ValueError as err:
+        p.error(f"--compile: {err}")
+    args.seqs, args.tables, args.no_attention_mask = [args.seq], ["train"], False  # bench_train's batch checks
+    args.text = load_text_batches(p, args)
+    return args
 
 
 def main(args: argparse.Namespace) -> None:
@@ -69,15 +82,11 @@ def main(args: argparse.Namespace) -> None:
     if args.compile != "none":
         compile_model(model, args.compile)
     engine, _, _ = initialize_engine(model, run)
-    g = torch.Generator().manual_seed(rank)
-    ids = torch.randint(5, config.vocab_size, (args.batch, seq), generator=g)
-    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, -100)
-    batch = {k: v.to(engine.device) for k, v in dict(
-        input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-        sentence_order_label=torch.randint(0, 2, (args.batch,), generator=g)).items()}
+    masked = args.mlm_head == "masked"
+    feed = batch_feed(args, config.vocab_size, seq, engine.device, mlm_positions=masked, rank=rank, world=world)
 
     def step():
-        out = engine(**batch)
+        out = engine(**feed())
         engine.backward(out.loss)
         engine.step()
 
@@ -96,7 +105,8 @@ def main(args: argparse.Namespace) -> None:
     ms = statistics.median(timed) * 1000
     if rank == 0:
         result = {"preset": preset, "world": world, "ep_size": args.ep_size, "seq": seq, "batch_per_rank": args.batch,
-                  "zero": args.zero, "impl": args.impl, "compile": args.compile, "ms_per_step": ms,
+                  "zero": args.zero, "impl": args.impl, "compile": args.compile, "mlm_head": args.mlm_head,
+                  "batches": [str(path) for path in args.batches] or "random, fixed per rank", "ms_per_step": ms,
                   "tokens_per_s_per_gpu": args.batch * seq / (ms / 1000),
                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                   "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,

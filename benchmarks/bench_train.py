@@ -289,11 +289,11 @@ def _profile(step: Callable[[], Any], device: torch.device, path: Path) -> None:
 # ----------------------------------------------------------------------------- inputs and models
 
 def make_batch(vocab: int, batch: int, seq: int, device: torch.device, mask: bool,
-               mlm_positions: bool = False) -> dict[str, torch.Tensor]:
+               mlm_positions: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
     """A fixed pretraining batch: random ids, segments A/B, SOP labels and, as the collator does,
     ``num_to_predict(seq)`` (15%) labelled positions per row (never position 0), with the collator's
     ``mlm_positions`` when asked."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (batch, seq), generator=g)
     predicted = num_to_predict(seq, MASK_PROB, None)
     positions = (torch.rand(batch, seq - 1, generator=g).argsort(1)[:, :predicted] + 1).sort(1).values
@@ -308,18 +308,23 @@ def make_batch(vocab: int, batch: int, seq: int, device: torch.device, mask: boo
     return {k: v.to(device) for k, v in out.items()}
 
 
-def batch_feed(args: argparse.Namespace, vocab: int, seq: int, device: torch.device,
-               mlm_positions: bool) -> Callable[[], dict[str, torch.Tensor]]:
-    """Each call the next training batch: ``--batches`` cycled through (moved to the device once), or
-    ``make_batch``'s fixed one. ``mlm_positions`` False drops them (the MLM head at every position)."""
+def batch_feed(args: argparse.Namespace, vocab: int, seq: int, device: torch.device, mlm_positions: bool,
+               rank: int = 0, world: int = 1) -> Callable[[], dict[str, torch.Tensor]]:
+    """Each call the next training batch: ``--batches`` cycled through (moved to the device once; rank r of
+    ``world`` takes batches r, r + world, ...), or ``make_batch``'s fixed one (seeded by the rank).
+    ``mlm_positions`` False drops them (the MLM head at every position)."""
     if seq not in args.text:
-        fixed = make_batch(vocab, args.batch, seq, device, not args.no_attention_mask, mlm_positions=mlm_positions)
+        fixed = make_batch(vocab, args.batch, seq, device, not args.no_attention_mask, mlm_positions=mlm_positions,
+                           seed=rank)
         return lambda: fixed
     saved = args.text[seq]
     if int(saved["input_ids"].max()) >= vocab:
         raise ValueError(f"{saved['path']}: token ids up to {int(saved['input_ids'].max())}, the model has {vocab}")
+    if len(saved["input_ids"]) < world:
+        raise ValueError(f"{saved['path']}: {len(saved['input_ids'])} batches, fewer than the {world} ranks")
     keys = [k for k in TEXT_KEYS if mlm_positions or k != "mlm_positions"]
-    batches = [{k: saved[k][i].to(device, torch.long) for k in keys} for i in range(len(saved["input_ids"]))]
+    mine = range(rank, len(saved["input_ids"]), world)
+    batches = [{k: saved[k][i].to(device, torch.long) for k in keys} for i in mine]
     turn = itertools.count()
     return lambda: batches[next(turn) % len(batches)]
 

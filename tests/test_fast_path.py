@@ -416,6 +416,17 @@ def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
         assert {k: v.dtype for k, v in batch.items()} == {k: torch.long for k in bench.TEXT_KEYS}
         assert all(torch.equal(batch[k], saved[k][step % 2].long()) for k in bench.TEXT_KEYS)
     assert "mlm_positions" not in bench.batch_feed(args, 512, 16, torch.device("cpu"), mlm_positions=False)()
+    second_rank = bench.batch_feed(args, 512, 16, torch.device("cpu"), mlm_positions=True, rank=1, world=2)
+    assert all(torch.equal(second_rank()["input_ids"], saved["input_ids"][1].long()) for _ in range(3))
+
+    ep_out = tmp_path / "ep2.json"  # the expert-parallel benchmark on the same file: rank r its r-th batches
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+               str(29600 + os.getpid() % 1000), str(BENCH.parent / "bench_ep.py"), "--smoke", "--ep_size", "2",
+               "--seq", "16", "--batch", "2", "--batches", str(made), "--out", str(ep_out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads(ep_out.read_text())
+    assert (record["batches"], record["mlm_head"], record["seq"]) == ([str(made)], "masked", 16)
     with pytest.raises(SystemExit):  # another batch size than the file's, before any compute
         bench.parse_args(["--batches", str(made), "--batch", "4", "--seqs", "16"])
     with pytest.raises(SystemExit):  # no file for a sequence length of the run
