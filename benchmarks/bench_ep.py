@@ -27,7 +27,8 @@ from widenet_ds import WideNetConfig, WideNetForPreTraining  # noqa: E402
 from widenet_ds.distributed import close_distributed, init_distributed  # noqa: E402
 from widenet_ds.ds_config import check_run_config  # noqa: E402
 from widenet_ds.engine import initialize_engine  # noqa: E402
-from widenet_ds.modeling import compile_model, compile_settings  # noqa: E402
+from widenet_ds.modeling import compile_model  # noqa: E402
+from widenet_ds.training import compile_variant  # noqa: E402
 
 # this folder: the same ZeRO variants, batches and MLM head as the train table
 from bench_train import MLM_HEADS, ZERO_VARIANTS, batch_feed, load_text_batches, zero_settings  # noqa: E402
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ZeRO stage; '1:fp32' accumulates gradients in fp32 (DeepSpeed's BF16_Optimizer)")
     p.add_argument("--impl", default="batched", choices=("batched", "grouped", "deepspeed"),
                    help="moe.impl (grouped needs ep_size 1; at ep_size > 1 it runs batched)")
-    p.add_argument("--compile", default="none",
+    p.add_argument("--compile", default="none", type=compile_variant,
                    help="'none' or a compile_model scope with settings, as bench_train.py (e.g. model:reduce-overhead)")
     p.add_argument("--mlm_head", default="masked", choices=MLM_HEADS,
                    help="the MLM head at the masked positions only (mlm_positions, as the pretraining job) or all")
@@ -56,12 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="debug preset on CPU, 2 steps")
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args(argv)
-    try:
-        compile_settings(args.compile)
-    except ValueError as err:
-        p.error(f"--compile: {err}")
-    args.seqs, args.tables, args.no_attention_mask = [args.seq], ["train"], False  # bench_train's batch checks
-    args.text = load_text_batches(p, args)
+    args.text = load_text_batches(p, args.batches, args.batch, [args.seq])
     return args
 
 
@@ -83,7 +79,8 @@ def main(args: argparse.Namespace) -> None:
         compile_model(model, args.compile)
     engine, _, _ = initialize_engine(model, run)
     masked = args.mlm_head == "masked"
-    feed = batch_feed(args, config.vocab_size, seq, engine.device, mlm_positions=masked, rank=rank, world=world)
+    feed = batch_feed(args.text, args.batch, config.vocab_size, seq, engine.device, mlm_positions=masked, rank=rank,
+                      world=world)
 
     def step():
         out = engine(**feed())

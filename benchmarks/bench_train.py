@@ -44,6 +44,7 @@ from widenet_ds.ds_config import check_run_config  # noqa: E402
 from benchmarks.text_batches import KEYS as TEXT_KEYS  # noqa: E402
 from widenet_ds.modeling import (COMPILE_SCOPES, combine_aux_loss, compile_model, compile_settings,  # noqa: E402
                                  fast_moe)
+from widenet_ds.training import compile_variant  # noqa: E402
 
 ZERO_VARIANTS = ("0", "1", "2", "0:fp32", "1:fp32", "2:fp32")
 MLM_HEADS = ("masked", "all")
@@ -113,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "sequence length, cycled through; default one fixed batch of random ids")
     p.add_argument("--no_attention_mask", action="store_true",
                    help="pass attention_mask=None (unpadded batches: SDPA may use flash attention)")
-    p.add_argument("--compile", nargs="*", default=["none"], metavar="SCOPE[:SETTING...]",
+    p.add_argument("--compile", nargs="*", default=["none"], type=compile_variant, metavar="SCOPE[:SETTING...]",
                    help="compile variants, each measured: 'none' (eager) or a compile_model scope "
                         f"({', '.join(COMPILE_SCOPES)}), optionally with a torch.compile mode and/or Inductor "
                         "options, e.g. model:reduce-overhead (CUDA graphs), model:cpp_wrapper, "
@@ -136,31 +137,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU check of the script: debug-size presets, seq 16, batch 2, 1+2 steps")
     args = p.parse_args(argv)
     args.compile = args.compile or ["model"]
-    for variant in args.compile:
-        try:
-            compile_settings(variant)
-        except ValueError as err:
-            p.error(f"--compile: {err}")
     if args.smoke:
         args.seqs, args.batch, args.warmup, args.steps, args.matmul_n = [16], 2, 1, 2, 256
-    args.text = load_text_batches(p, args)
+    if args.batches and args.no_attention_mask:
+        p.error("--no_attention_mask: real-text batches are padded and need their attention mask")
+    fed = args.seqs if {"train", "hf"} & set(args.tables) else []
+    args.text = load_text_batches(p, args.batches, args.batch, fed)
     return args
 
 
-def load_text_batches(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
-    """``--batches`` files by sequence length, checked against the run's shapes before any compute."""
+def load_text_batches(p: argparse.ArgumentParser, paths: list[Path], batch: int,
+                      seqs: list[int]) -> dict[int, dict[str, Any]]:
+    """``--batches`` files by sequence length, checked against the run's ``batch`` and ``seqs`` before any
+    compute (``p.error`` names what is wrong)."""
     text = {}
-    for path in args.batches:
+    for path in paths:
         if not path.is_file():
             p.error(f"--batches {path}: no such file (make it with benchmarks/text_batches.py)")
         saved = torch.load(path, weights_only=True)
-        if saved["batch"] != args.batch:
-            p.error(f"--batches {path}: {saved['batch']} sequences per batch, the run uses --batch {args.batch}")
+        if saved["batch"] != batch:
+            p.error(f"--batches {path}: {saved['batch']} sequences per batch, the run uses --batch {batch}")
         text[saved["seq"]] = {**saved, "path": str(path)}
-    if text and args.no_attention_mask:
-        p.error("--no_attention_mask: real-text batches are padded and need their attention mask")
-    missing = [seq for seq in args.seqs if text and seq not in text]
-    if missing and {"train", "hf"} & set(args.tables):
+    missing = [seq for seq in seqs if text and seq not in text]
+    if missing:
         p.error(f"--batches has no file for --seqs {missing} (files for {sorted(text)})")
     return text
 
@@ -308,16 +307,17 @@ def make_batch(vocab: int, batch: int, seq: int, device: torch.device, mask: boo
     return {k: v.to(device) for k, v in out.items()}
 
 
-def batch_feed(args: argparse.Namespace, vocab: int, seq: int, device: torch.device, mlm_positions: bool,
-               rank: int = 0, world: int = 1) -> Callable[[], dict[str, torch.Tensor]]:
-    """Each call the next training batch: ``--batches`` cycled through (moved to the device once; rank r of
-    ``world`` takes batches r, r + world, ...), or ``make_batch``'s fixed one (seeded by the rank).
-    ``mlm_positions`` False drops them (the MLM head at every position)."""
-    if seq not in args.text:
-        fixed = make_batch(vocab, args.batch, seq, device, not args.no_attention_mask, mlm_positions=mlm_positions,
-                           seed=rank)
+def batch_feed(text: dict[int, dict[str, Any]], batch: int, vocab: int, seq: int, device: torch.device,
+               mlm_positions: bool, mask: bool = True, rank: int = 0,
+               world: int = 1) -> Callable[[], dict[str, torch.Tensor]]:
+    """Each call the next training batch: the ``text`` batches of ``seq`` (``load_text_batches``) cycled
+    through (moved to the device once; rank r of ``world`` takes batches r, r + world, ...), or
+    ``make_batch``'s fixed one (seeded by the rank; ``mask``: an all-ones attention mask). ``mlm_positions``
+    False drops them (the MLM head at every position)."""
+    if seq not in text:
+        fixed = make_batch(vocab, batch, seq, device, mask, mlm_positions=mlm_positions, seed=rank)
         return lambda: fixed
-    saved = args.text[seq]
+    saved = text[seq]
     if int(saved["input_ids"].max()) >= vocab:
         raise ValueError(f"{saved['path']}: token ids up to {int(saved['input_ids'].max())}, the model has {vocab}")
     if len(saved["input_ids"]) < world:
@@ -430,7 +430,8 @@ def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: s
             model = WideNetForPreTraining(config)
         apply_compile(model, variant)
         engine, _, _ = initialize_engine(model, run_config(config, args.batch, device, zero, args.optimizer))
-        feed = batch_feed(args, config.vocab_size, seq, device, mlm_positions=positions is not None)
+        feed = batch_feed(args.text, args.batch, config.vocab_size, seq, device, mlm_positions=positions is not None,
+                          mask=not args.no_attention_mask)
         routes, losses = [], []
 
         def step(mark=_no_mark):
@@ -470,7 +471,8 @@ def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
         if variant != "none":
             model.compile(**compile_settings(variant)[1])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        feed = batch_feed(args, config.vocab_size, seq, device, mlm_positions=False)
+        feed = batch_feed(args.text, args.batch, config.vocab_size, seq, device, mlm_positions=False,
+                          mask=not args.no_attention_mask)
 
         losses = []
 

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokenizer size, at most the model's (30000 in the base presets); 6 MB of English "
                         "supports about 27800")
     p.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "bench_data",
-                   help="where the tokenizer and the instance cache are kept (reused by later calls)")
+                   help="where the tokenizer and the instance cache are kept (reused by later calls: the "
+                        "tokenizer is trained once per folder, so give other text its own folder)")
     p.add_argument("--out", type=Path, required=True, help="the tensor file to write")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -51,11 +52,13 @@ def make_batches(args: argparse.Namespace) -> dict:
 
     # one JSONL record per file: a document each (as plain text, blank lines would cut a book into
     # short documents, and most instances would be mostly padding)
+    # written only when it changes: the cache key holds its mtime, and a rewrite would rebuild the cache
     args.work_dir.mkdir(parents=True, exist_ok=True)
     documents = args.work_dir / "documents.jsonl"
-    with documents.open("w", encoding="utf-8") as out:
-        for path in args.text:
-            out.write(json.dumps({"text": path.read_text(encoding="utf-8", errors="replace")}) + "\n")
+    lines = "".join(json.dumps({"text": path.read_text(encoding="utf-8", errors="replace")}) + "\n"
+                    for path in args.text)
+    if not documents.is_file() or documents.read_text(encoding="utf-8") != lines:
+        documents.write_text(lines, encoding="utf-8")
     data_args = argparse.Namespace(
         train_files=[str(documents)], dataset=None, dataset_config=None, text_field="text", tokenizer=None,
         vocab_size=args.vocab_size, max_seq_length=args.seq, short_seq_prob=0.1, masked_lm_prob=0.15, max_ngram=3,

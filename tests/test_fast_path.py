@@ -410,13 +410,14 @@ def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
 
     bench = _bench_module()
     args = bench.parse_args(["--smoke", "--batches", str(made)])
-    feed = bench.batch_feed(args, vocab=512, seq=16, device=torch.device("cpu"), mlm_positions=True)
+    feed = bench.batch_feed(args.text, args.batch, vocab=512, seq=16, device=torch.device("cpu"), mlm_positions=True)
     for step in range(5):  # the file's batches in turn, each key as saved
         batch = feed()
         assert {k: v.dtype for k, v in batch.items()} == {k: torch.long for k in bench.TEXT_KEYS}
         assert all(torch.equal(batch[k], saved[k][step % 2].long()) for k in bench.TEXT_KEYS)
-    assert "mlm_positions" not in bench.batch_feed(args, 512, 16, torch.device("cpu"), mlm_positions=False)()
-    second_rank = bench.batch_feed(args, 512, 16, torch.device("cpu"), mlm_positions=True, rank=1, world=2)
+    assert "mlm_positions" not in bench.batch_feed(args.text, 2, 512, 16, torch.device("cpu"), mlm_positions=False)()
+    second_rank = bench.batch_feed(args.text, 2, 512, 16, torch.device("cpu"), mlm_positions=True, rank=1,
+                                  world=2)
     assert all(torch.equal(second_rank()["input_ids"], saved["input_ids"][1].long()) for _ in range(3))
 
     ep_out = tmp_path / "ep2.json"  # the expert-parallel benchmark on the same file: rank r its r-th batches

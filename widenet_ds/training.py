@@ -67,7 +67,7 @@ def check_cuda_graphs(variant: str, run: RunConfig) -> None:
     buffer as it is made (``immediate_grad_update``), nothing is kept."""
     from .modeling import uses_cuda_graphs
 
-    if variant == "none" or run.grad_accum == 1 or not uses_cuda_graphs(variant):
+    if run.grad_accum == 1 or not uses_cuda_graphs(variant):
         return
     bf16 = run.deepspeed.get("bf16", {})
     moves_each_gradient = (bf16.get("enabled", False) and bf16.get("immediate_grad_update", False)
