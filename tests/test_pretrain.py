@@ -64,7 +64,7 @@ def ep2_run(tmp_path_factory) -> Path:
     out = tmp_path / "run"
     _launch(COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--output_dir", str(out),
                       "--deepspeed_config", str(_fast_config(tmp_path, "pretrain_cpu_ep2.json")),
-                      "--max_steps", "16", "--save_every", "8", "--eval_every", "8",
+                      "--max_steps", "16", "--save_every", "8", "--eval_every", "8", "--profile", "3:4",
                       "--activation_checkpointing"], ranks=2)  # non-reentrant: ZeRO-2 + shared weights works
     return out
 
@@ -78,6 +78,7 @@ def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(ep2_run):
     assert last < first - 0.3, f"loss did not go down: {first:.3f} -> {last:.3f}"
     record = train[-1]
     assert {"mlm_loss", "sop_loss", "aux_loss", "lr", "tokens_per_s", "dropped_fraction"} <= set(record)
+    assert all(0 <= r["data_wait_fraction"] < 1 for r in train)
     assert len(record["expert_load"]) == 3 and all(len(row) == 4 for row in record["expert_load"])
     assert all(abs(sum(row) - 1) < 1e-4 for row in record["expert_load"])
     evals = [r for r in records if "eval_mlm_accuracy" in r]
@@ -105,6 +106,19 @@ def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(ep2_run):
                       padding=True)
     output = model(**batch)
     assert output.prediction_logits.shape[-1] == 300 and torch.isfinite(output.prediction_logits).all()
+
+
+def test_profile_of_the_asked_steps_on_every_rank(ep2_run):
+    import gzip
+
+    for rank in (0, 1):
+        table = (ep2_run / "profile" / f"ops_rank{rank}.txt").read_text()
+        assert table.startswith("optimizer steps 3..4 (2): ")
+        # the MoE's expert matmuls and the expert-parallel all-to-all ran inside the profiled steps
+        assert "_ExpertLinear" in table and "_AllToAll" in table
+        with gzip.open(ep2_run / "profile" / f"trace_rank{rank}.json.gz", "rt") as f:
+            events = json.load(f)["traceEvents"]
+        assert any(e.get("name") == "aten::bmm" for e in events)
 
 
 def _checkpoint_logits(checkpoint: Path, ds_json: str, out: Path, ranks: int, save_dir: Path | None = None):
@@ -202,6 +216,13 @@ def test_user_mistakes_are_refused_before_any_compute(tmp_path):
         run(COMMON + ["--train_files", *corpus, "--deepspeed_config", str(accumulating), "--compile",
                       "model:reduce-overhead", "--output_dir", str(tmp_path / "g")])
     assert not (tmp_path / "g" / "tokenizer").exists(), "refused before the tokenizer was trained"
+    with pytest.raises(ConfigError, match=r"--profile 9:12 ends after the run's last step \(10\)"):
+        run(COMMON + ["--train_files", *corpus, "--max_steps", "10", "--profile", "9:12",
+                      "--output_dir", str(tmp_path / "h")])
+    assert not (tmp_path / "h" / "tokenizer").exists(), "refused before the tokenizer was trained"
+    for bad in ("0:2", "5:3", "3-4", "x"):
+        with pytest.raises(SystemExit):
+            run(COMMON + ["--train_files", *corpus, "--profile", bad, "--output_dir", str(tmp_path / "i")])
 
 
 def _wait_for_step(metrics: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -372,3 +393,14 @@ def test_evaluate_scores_the_held_out_batches():
             losses.append(out.loss.item())
     assert result == pytest.approx({"eval_mlm_accuracy": correct / total, "eval_sop_accuracy": sop_correct / 8,
                                     "eval_loss": sum(losses) / 2})
+
+
+def test_profile_steps_read_a_range_or_one_step():
+    import argparse
+
+    from widenet_ds.training import profile_steps
+
+    assert profile_steps("41:43") == (41, 43) and profile_steps("7") == (7, 7)
+    for bad in ("0:2", "5:3", "3-4", "x", ":4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="FIRST:LAST"):
+            profile_steps(bad)

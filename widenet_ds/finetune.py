@@ -44,8 +44,9 @@ from .glue import TaskSpec, collate, compute_metrics, encode, get_task, load_spl
 from .guards import NonFiniteGuard
 from .metrics_log import MetricsWriter, get_logger, is_main_process
 from .modeling import WideNetForSequenceClassification
-from .training import (REPO_ROOT, MetricWindow, add_compile_argument, add_launcher_arguments, check_cuda_graphs,
-                       compile_if_asked, parse_overrides, train_step, write_run_record)
+from .training import (REPO_ROOT, MetricWindow, StepProfiler, add_compile_argument, add_launcher_arguments,
+                       add_profile_argument, check_cuda_graphs, check_profile_steps, compile_if_asked, parse_overrides,
+                       train_step, write_run_record)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval_every", type=int, default=1000, help="steps between dev evaluations (and at the end)")
     run.add_argument("--eval_batch_size", type=int, help="default: the JSON's micro-batch size")
     run.add_argument("--log_every", type=int, default=10)
+    add_profile_argument(run)
     add_launcher_arguments(p, run)
     return p
 
@@ -198,6 +200,7 @@ def setup(args: argparse.Namespace) -> Job:
     run, max_steps = resolve_run(ds_config, int(os.environ.get("WORLD_SIZE", "1")), args.max_steps, args.epochs,
                                  len(examples["train"]))
     check_cuda_graphs(args.compile, run)
+    check_profile_steps(args.profile, max_steps)
     config = start.config.with_moe_settings(run.moe)
     if not task.is_regression:
         config.id2label = dict(enumerate(task.label_names))
@@ -286,10 +289,13 @@ def fit(job: Job) -> dict[str, Any]:
     world = _rank_world()[1]
     batches, window = train_batches(job), MetricWindow()
     guard = NonFiniteGuard(**job.run.nonfinite_loss)
+    profiler = StepProfiler(args.profile, job.output_dir / "profile")
     bar = tqdm(total=job.max_steps, disable=not is_main_process(), desc=f"finetune {job.task.name}")
     engine.train()
     for step in range(1, job.max_steps + 1):
+        profiler.begin(step)
         train_step(engine, batches, job.run.grad_accum, window, guard, step)
+        profiler.end(step)
         bar.update(1)
         if step % args.log_every == 0 or step == job.max_steps:
             record = window.record(step, engine.get_lr()[0], world)

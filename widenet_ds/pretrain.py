@@ -24,8 +24,9 @@ from .ds_config import RunConfig, load_run_config
 from .guards import NonFiniteGuard
 from .metrics_log import MetricsWriter, get_logger, is_main_process
 from .modeling import WideNetForPreTraining, mlm_labels_at
-from .training import (REPO_ROOT, MetricWindow, add_compile_argument, add_launcher_arguments, check_cuda_graphs,
-                       compile_if_asked, parse_overrides, train_step, write_run_record)
+from .training import (REPO_ROOT, MetricWindow, StepProfiler, add_compile_argument, add_launcher_arguments,
+                       add_profile_argument, check_cuda_graphs, check_profile_steps, compile_if_asked, parse_overrides,
+                       train_step, write_run_record)
 
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval_batches", type=int, default=20)
     run.add_argument("--save_every", type=int, default=100)
     run.add_argument("--keep_last", type=int, default=3, help="complete checkpoints to keep")
+    add_profile_argument(run)
     add_launcher_arguments(p, run)
     return p
 
@@ -101,6 +103,7 @@ def setup(args: argparse.Namespace) -> Job:
     run = load_run_config(args.deepspeed_config or DEFAULT_DS_CONFIG, world_size=world,
                           cuda=torch.cuda.is_available(), max_steps=args.max_steps)
     check_cuda_graphs(args.compile, run)
+    check_profile_steps(args.profile, args.max_steps)
     overrides = parse_overrides(args.override)
     WideNetConfig.from_preset(args.preset, **overrides).with_moe_settings(run.moe)  # fail before data work
     output_dir = Path(args.output_dir)
@@ -178,14 +181,17 @@ def fit(job: Job) -> list[dict[str, Any]]:
     batches = job.data.train_batches()
     records, window = [], MetricWindow()
     guard = NonFiniteGuard(**job.run.nonfinite_loss)
+    profiler = StepProfiler(args.profile, job.output_dir / "profile")
     bar = tqdm(total=args.max_steps, initial=job.state["step"], disable=not is_main_process(), desc="pretrain")
     engine.train()
     while job.state["step"] < args.max_steps:
         tokens_before = window.tokens
+        profiler.begin(job.state["step"] + 1)
         train_step(engine, batches, job.run.grad_accum, window, guard, job.state["step"] + 1)
         job.state["step"] += 1
         job.state["tokens"] += window.tokens - tokens_before  # this rank's real (unpadded) tokens
         step = job.state["step"]
+        profiler.end(step)
         bar.update(1)
         if step % args.log_every == 0 or step == args.max_steps:
             record = window.record(step, engine.get_lr()[0], world)

@@ -148,6 +148,7 @@ class MetricWindow:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.tokens = 0
+        self.data_wait = 0.0  # seconds the loop waited for its next batch
         self.start = time.perf_counter()
 
     def add(self, out, tokens: int) -> None:
@@ -169,7 +170,8 @@ class MetricWindow:
                 record["expert_load"] = (mean / mean.sum(-1, keepdim=True)).tolist()  # (T, E) shares
             else:
                 record[key] = mean.tolist()
-        record.update(lr=lr, tokens_per_s=self.tokens * world / max(elapsed, 1e-9))
+        record.update(lr=lr, tokens_per_s=self.tokens * world / max(elapsed, 1e-9),
+                      data_wait_fraction=self.data_wait / max(elapsed, 1e-9))
         return record
 
 
@@ -179,7 +181,9 @@ def train_step(engine, batches, grad_accum: int, window: MetricWindow, guard: No
     A batch whose loss is NaN/inf on any rank is skipped or stops the run (``guard``)."""
     done = 0
     while done < grad_accum:
+        start = time.perf_counter()
         batch = next(batches)
+        window.data_wait += time.perf_counter() - start
         tokens = int(batch["attention_mask"].sum())  # counted on the host, before the copy: no GPU sync
         out = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in batch.items()})
         if guard.should_skip(out.loss, step):
@@ -188,3 +192,85 @@ def train_step(engine, batches, grad_accum: int, window: MetricWindow, guard: No
         engine.step()
         window.add(out, tokens)
         done += 1
+
+
+def profile_steps(text: str) -> tuple[int, int]:
+    """argparse type of ``--profile``: 'FIRST:LAST' (optimizer steps, both included) or one step 'N'."""
+    first, _, last = text.partition(":")
+    try:
+        steps = int(first), int(last or first)
+    except ValueError:
+        steps = (0, 0)
+    if not 1 <= steps[0] <= steps[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: optimizer steps FIRST:LAST with 1 <= FIRST <= LAST, e.g. 41:43")
+    return steps
+
+
+def add_profile_argument(group) -> None:
+    group.add_argument("--profile", type=profile_steps, metavar="FIRST:LAST",
+                       help="torch.profiler over these optimizer steps: a Chrome/Perfetto trace and tables of the "
+                            "busiest operators (host and GPU) per rank in output_dir/profile/; pick steps after the "
+                            "first ones (compilation, CUDA-graph recording)")
+
+
+def check_profile_steps(steps: tuple[int, int] | None, max_steps: int) -> None:
+    """Refuse, before any compute, a profile range the run never reaches."""
+    if steps is not None and steps[1] > max_steps:
+        raise ConfigError("command line", [f"--profile {steps[0]}:{steps[1]} ends after the run's last step "
+                                           f"({max_steps}); profile steps within it"])
+
+
+class StepProfiler:
+    """``torch.profiler`` around optimizer steps ``first..last``: ``begin(step)`` before a step,
+    ``end(step)`` after it. Writes ``trace_rank<r>.json.gz`` (open in Perfetto or chrome://tracing) and
+    ``ops_rank<r>.txt`` (operators by GPU time and by host time, and the wall time of the steps) into
+    ``directory``. Inactive without steps or outside them."""
+
+    def __init__(self, steps: tuple[int, int] | None, directory: Path):
+        self.steps = steps
+        self.directory = Path(directory)
+        self.profiler = None
+        self.start = 0.0
+
+    def begin(self, step: int) -> None:
+        if self.steps is None or step != self.steps[0]:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.profiler = profile(activities=activities, record_shapes=True)
+        self.profiler.__enter__()
+        self.start = time.perf_counter()
+
+    def end(self, step: int) -> None:
+        if self.profiler is None or step != self.steps[1]:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.start
+        self.profiler.__exit__(None, None, None)
+        self.write(self.profiler, wall)
+        self.profiler = None
+
+    def write(self, prof, wall: float) -> None:
+        import gzip
+        import os
+        import tempfile
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        count = self.steps[1] - self.steps[0] + 1
+        averages = prof.key_averages()
+        by_gpu = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        text = [f"optimizer steps {self.steps[0]}..{self.steps[1]} ({count}): {wall * 1e3:.1f} ms wall, "
+                f"{wall * 1e3 / count:.1f} ms per step\n",
+                f"by {by_gpu}:", averages.table(sort_by=by_gpu, row_limit=60, max_name_column_width=90),
+                "by self_cpu_time_total:", averages.table(sort_by="self_cpu_time_total", row_limit=40,
+                                                          max_name_column_width=90)]
+        (self.directory / f"ops_rank{rank}.txt").write_text("\n".join(text))
+        with tempfile.TemporaryDirectory() as tmp:  # export_chrome_trace writes a plain file
+            plain = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(plain)
+            with open(plain, "rb") as src, gzip.open(self.directory / f"trace_rank{rank}.json.gz", "wb") as dst:
+                dst.write(src.read())
+        log.info("profile of steps %d..%d written to %s", *self.steps, self.directory)
