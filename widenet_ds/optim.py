@@ -71,24 +71,24 @@ class Lamb(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                update = self._adam_update(p, group)
-                layer_of_piece, piece_lengths, lengths, num_layers, partitioned = self._layout(p, group)
+                update, live = self._adam_update(p, group)
+                layer_of_piece, layer_of_element, lengths, num_layers, partitioned = self._layout(p, group)
                 w_sq, u_sq = _squares_per_layer(p, update, layer_of_piece, lengths, num_layers)
                 if partitioned:  # a layer's pieces on other ranks
                     both = torch.stack([w_sq, u_sq])
                     dist.all_reduce(both, group=_data_parallel_group(group))
                     w_sq, u_sq = both
                 w_norm, u_norm = w_sq.sqrt(), u_sq.sqrt()
-                ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                scale = ratio[layer_of_piece].repeat_interleave(piece_lengths, output_size=p.numel())
-                p.add_(update * scale.view_as(p), alpha=-group["lr"])
+                ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm)) * live
+                p.view(-1).addcmul_(update.view(-1), ratio.index_select(0, layer_of_element), value=-group["lr"])
         return loss
 
-    def _adam_update(self, p: Tensor, group: dict[str, Any]) -> Tensor:
-        """``m^ / (sqrt(v^) + eps) + wd * w`` in fp32 (the state lives in fp32). A gradient that is
-        zero everywhere is no gradient: state and update stay as they are (DeepSpeed's wrappers
-        take one such step to create the state; LAMB would turn it into a weight-decay-only step
-        of size lr * ||w||). Decided on the device: no host synchronisation."""
+    def _adam_update(self, p: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """``m^ / (sqrt(v^) + eps) + wd * w`` in fp32 (the state lives in fp32), and ``live``: 1, or 0 when
+        the gradient is zero everywhere. Such a gradient is no gradient: the state stays as it is and the
+        caller scales the update by ``live`` (DeepSpeed's wrappers take one such step to create the state;
+        LAMB would turn it into a weight-decay-only step of size lr * ||w||). Decided on the device: no
+        host synchronisation. Few passes over the tensor (it is the whole model's flat buffer)."""
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -96,23 +96,25 @@ class Lamb(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
         beta1, beta2 = group["betas"]
         grad = p.grad.float()
-        live = grad.abs().amax().gt(0).float()  # 1, or 0 for an all-zero gradient
+        live = torch.linalg.vector_norm(grad, float("inf")).gt(0).float()
         state["step"] += live
         state["exp_avg"].lerp_(grad, (1 - beta1) * live)
         state["exp_avg_sq"].mul_(1 - (1 - beta2) * live).addcmul_(grad, grad, value=1 - beta2)
         step = state["step"].clamp(min=1).double()  # 1 - 0.999**t loses digits in fp32
-        m_hat = state["exp_avg"] / (1 - beta1 ** step).float()
-        v_hat = state["exp_avg_sq"] / (1 - beta2 ** step).float()
-        update = m_hat / (v_hat.sqrt_() + group["eps"])
+        correction1, correction2 = (1 - beta1 ** step).float(), (1 - beta2 ** step).float()
+        # m / c1 / (sqrt(v / c2) + eps) = m / (sqrt(v) * c1 / sqrt(c2) + eps * c1)
+        denom = state["exp_avg_sq"].sqrt().mul_(correction1 / correction2.sqrt()).add_(group["eps"] * correction1)
+        update = torch.div(state["exp_avg"], denom, out=denom)
         if group["weight_decay"]:
             update.add_(p.float(), alpha=group["weight_decay"])
-        return update.mul_(live)
+        return update, live
 
     def _layout(self, p: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor, list[int], int, bool]:
         """How ``p`` (flattened) cuts into layers: the layer of each consecutive piece (index
-        ``num_layers`` for padding) and the pieces' lengths (on p's device, and as a list), the number
-        of layers, and whether ``p`` is one data-parallel rank's partition of a flat buffer.
-        Computed once per tensor."""
+        ``num_layers`` for padding), the layer of each element (int32, on p's device: the trust ratios
+        are gathered by it, 4 bytes per element kept for the run), the pieces' lengths, the number of
+        layers, and whether ``p`` is one data-parallel rank's partition of a flat buffer. Computed once
+        per tensor."""
         key = (group[TENSORS_KEY], p.data_ptr(), p.numel())
         if key in self._layouts:
             return self._layouts[key]
@@ -128,8 +130,10 @@ class Lamb(torch.optim.Optimizer):
             start = dist.get_rank(_data_parallel_group(group)) * p.numel() if partitioned else 0
             layers, lengths = _pieces(spans, len(tensors), start, start + p.numel())
             num_layers = len(tensors)
-        layout = (torch.tensor(layers, device=p.device), torch.tensor(lengths, device=p.device), lengths,
-                  num_layers, partitioned)
+        layer_of_piece = torch.tensor(layers, device=p.device)
+        layer_of_element = layer_of_piece.to(torch.int32).repeat_interleave(
+            torch.tensor(lengths, device=p.device), output_size=p.numel())
+        layout = (layer_of_piece, layer_of_element, lengths, num_layers, partitioned)
         self._layouts[key] = layout
         return layout
 
