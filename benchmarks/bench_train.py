@@ -127,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "mlm_positions) or at all positions, each measured; the HF reference runs all")
     p.add_argument("--optimizer", default="AdamW", choices=["AdamW", "Lamb"],
                    help="train table: the engine's optimizer (Lamb: widenet_ds.optim.Lamb, as the pretraining configs)")
+    p.add_argument("--init", type=Path, metavar="DIR",
+                   help="train table: start the WideNet/ALBERT/BERT rows from this exported model (launch/pretrain.py's "
+                        "output_dir/final) instead of fresh weights: the router's load and the weights of a run in "
+                        "progress; it must be one of --presets (vocabulary and padding id taken from it)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time forward, backward and optimizer separately (sync after each)")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler kernel table per configuration")
@@ -143,7 +147,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--no_attention_mask: real-text batches are padded and need their attention mask")
     fed = args.seqs if {"train", "hf"} & set(args.tables) else []
     args.text = load_text_batches(p, args.batches, args.batch, fed)
+    args.init_model = load_init(p, args) if args.init else None
     return args
+
+
+def load_init(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """``--init``: the exported model's config overrides (vocabulary, padding id) and weights, checked
+    against every preset of the train table before any compute (``p.error`` names what differs)."""
+    if not (args.init / "config.json").is_file():
+        p.error(f"--init {args.init}: no exported model there (config.json); give launch/pretrain.py's "
+                "output_dir/final or a folder written by launch/export.py")
+    saved = WideNetForPreTraining.from_pretrained(args.init)
+    state = saved.state_dict()
+    overrides = {"vocab_size": saved.config.vocab_size, "pad_token_id": saved.config.pad_token_id}
+    for preset in args.presets:
+        config = model_config(preset, args, "batched", **overrides)
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in WideNetForPreTraining(config).state_dict().items()}
+        differ = sorted(k for k in shapes.keys() | state.keys()
+                        if shapes.get(k) != (state[k].shape if k in state else None))
+        if differ or config.top_k != saved.config.top_k:
+            p.error(f"--init {args.init} is not a {preset} model: top_k {saved.config.top_k} vs {config.top_k}, "
+                    f"{len(differ)} parameters differ in name or shape (e.g. {differ[:3]}); pass its own preset "
+                    "with --presets")
+    return {"path": str(args.init), "overrides": overrides, "state": state}
 
 
 def load_text_batches(p: argparse.ArgumentParser, paths: list[Path], batch: int,
@@ -420,7 +447,8 @@ def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: s
     from widenet_ds.engine import initialize_engine
 
     args, device = measure.args, measure.device
-    config = model_config(preset, args, impl)
+    init = args.init_model
+    config = model_config(preset, args, impl, **(init["overrides"] if init else {}))
     moe = config.num_experts > 1
     row = Row("train", preset, impl if moe else "-", seq, args.batch, variant, zero, mlm_head)
     positions = num_to_predict(seq, MASK_PROB, None) if mlm_head == "masked" else None
@@ -428,6 +456,8 @@ def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: s
     def build():
         with torch.device(device):
             model = WideNetForPreTraining(config)
+        if init:
+            model.load_state_dict(init["state"])
         apply_compile(model, variant)
         engine, _, _ = initialize_engine(model, run_config(config, args.batch, device, zero, args.optimizer))
         feed = batch_feed(args.text, args.batch, config.vocab_size, seq, device, mlm_positions=positions is not None,
@@ -621,7 +651,8 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
              f"Fast vs reference MoE path, same weights and inputs (fp32): {meta.get('parity')}", ""]
     head = ("| model | MoE impl | compile | ZeRO | MLM head | seq | ms / step | tokens / s | model TFLOP / step | MFU "
             "| peak GiB | kept routes / token | loss, first -> last step |")
-    for table, title in (("train", "Full training step (DeepSpeed engine, AdamW)"),
+    optimizer = meta["args"].get("optimizer", "AdamW")
+    for table, title in (("train", f"Full training step (DeepSpeed engine, {optimizer})"),
                          ("hf", "Hugging Face AlbertForPreTraining (sdpa, torch AdamW)"),
                          ("stack", "Encoder stack only, forward + backward (DESIGN.md section 4)")):
         chosen = [r for r in rows if r.table == table]
@@ -655,10 +686,12 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
 
 
 def _data_line(meta: dict[str, Any]) -> str:
+    init = meta["args"].get("init")
+    start = f"; train rows start from the weights of {init}" if init else ""
     if meta.get("batches"):
-        return "batches: " + "; ".join(meta["batches"])
+        return "batches: " + "; ".join(meta["batches"]) + start
     return (f"one fixed batch of random ids, attention mask "
-            f"{'none' if meta['args']['no_attention_mask'] else 'all ones'}")
+            f"{'none' if meta['args']['no_attention_mask'] else 'all ones'}{start}")
 
 
 def write_results(rows: list[Row], meta: dict[str, Any], out: Path) -> tuple[Path, Path]:
@@ -700,7 +733,7 @@ def metadata(args: argparse.Namespace, device: torch.device, ceiling: float) -> 
     return {"name": stem, "device": name, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__, "ceiling_tflops": ceiling,
             "args": {k: json.loads(json.dumps(v, default=str)) for k, v in vars(args).items()
-                     if k != "text"},
+                     if k not in ("text", "init_model")},
             "batches": [f"{len(t['input_ids'])} real-text batches of seq {seq} from {t['path']} (text: "
                         f"{', '.join(Path(s).name for s in t['source'])}; "
                         f"{t['attention_mask'].float().mean().item():.1%} real tokens)"
