@@ -65,6 +65,38 @@ def test_lamb_under_the_deepspeed_engine(zero_stage):
         close_distributed()
 
 
+def test_the_engine_does_not_synchronise_the_device_for_its_throughput_timer(monkeypatch):
+    """DeepSpeed's throughput timer synchronises the device at every forward and step unless the config says
+    otherwise; the run config turns it off (a config's own "timers" block is kept: the check can fail)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from widenet_ds.distributed import close_distributed, init_distributed
+    from widenet_ds.ds_config import check_run_config
+    from widenet_ds.engine import initialize_engine
+
+    calls = []
+    accelerator = type(get_accelerator())
+    monkeypatch.setattr(accelerator, "synchronize", lambda self, *a: calls.append(1))
+    base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    ids = torch.randint(5, 500, (2, 8), generator=torch.Generator().manual_seed(0))
+    init_distributed()
+    try:
+        counted = {}
+        for name, extra in (("default", {}), ("asked", {"timers": {"throughput": {"enabled": True}}})):
+            run = check_run_config({**base, **extra}, "test", world_size=1)
+            config = WideNetConfig.from_preset("debug").with_moe_settings(run.moe)
+            engine, _, _ = initialize_engine(WideNetForPreTraining(config), run)
+            calls.clear()
+            for _ in range(4):  # the timer starts at the second step
+                engine.backward(engine(ids, labels=ids).loss)
+                engine.step()
+            counted[name] = len(calls)
+        assert counted == {"default": 0, "asked": counted["asked"]} and counted["asked"] > 0
+    finally:
+        close_distributed()
+
+
 def test_foreach_grad_norm_and_clipping_equal_deepspeeds():
     from deepspeed.runtime import utils as ds_utils
 

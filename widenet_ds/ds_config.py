@@ -103,6 +103,11 @@ def check_run_config(raw: dict[str, Any], source: str, world_size: int = 1, cuda
     _check_precision_and_zero(engine, cuda, problems)
     _check_parallel(moe, world_size, problems)
     _resolve_scheduler(engine, max_steps, problems)
+    # DeepSpeed's throughput timer (on by default) synchronises the device when a forward starts and
+    # when a step ends, twice per micro-batch: the GPU idles while the host queues the next work (seen in
+    # the pretraining job's profile on an H200). The jobs measure their own throughput; a config that
+    # sets "timers" keeps its own.
+    engine.setdefault("timers", {"throughput": {"enabled": False}})
     nonfinite = _check_nonfinite(raw.get("nonfinite_loss", {}), problems)
     if problems:
         raise ConfigError(f"DeepSpeed config {source}", problems)
