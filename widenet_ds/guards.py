@@ -15,12 +15,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class NonFiniteGuard:
-    """Checks each micro-batch's loss before backward; all ranks take the same decision.
+    """Checks the losses of a run; all ranks take the same decision.
 
-    ``action="stop"`` raises at the first non-finite loss (the last checkpoint stays the
-    newest complete one); ``"skip"`` drops the batch without backward or optimizer step, and
-    raises after ``max_consecutive`` bad batches in a row. Costs one all-reduce of a flag and
-    one host sync per micro-batch.
+    ``action="stop"`` raises at the first non-finite loss, before the optimizer step of its step
+    (the weights and the last checkpoint stay as they were): ``check_step`` reads the losses of all
+    micro-batches of the step at once, one host sync per optimizer step, at the point where the
+    optimizer reads its gradient norm anyway. ``"skip"`` drops a bad batch before its backward
+    (``should_skip``, one host sync per micro-batch), and raises after ``max_consecutive`` bad
+    batches in a row. Each check costs one all-reduce of a flag in a distributed run.
     """
 
     def __init__(self, action: str = "stop", max_consecutive: int = 5):
@@ -28,6 +30,25 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.skipped = 0
+
+    @property
+    def checks_each_batch(self) -> bool:
+        """Whether each micro-batch is checked before its backward (``should_skip``)."""
+        return self.action == "skip"
+
+    def check_step(self, losses: list[torch.Tensor], step: int) -> None:
+        """'stop': raise if a loss of this step's micro-batches is NaN/inf on any rank (one host read)."""
+        losses_M = torch.stack([loss.detach().float().reshape(()) for loss in losses])
+        bad_M = ~torch.isfinite(losses_M)
+        bad_ranks = bad_M.any().float().reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad_ranks)
+        if bad_ranks.item() == 0:
+            return
+        here = losses_M[bad_M][0].item() if bad_M.any() else "finite"
+        raise NonFiniteLossError(f"non-finite loss ({here} here) at step {step} on {int(bad_ranks.item())} rank(s); "
+                                 "stopping (nonfinite_loss.action is 'stop'). Lower the learning rate or check the "
+                                 "data, then resume from the last checkpoint")
 
     def should_skip(self, loss: torch.Tensor, step: int) -> bool:
         bad_ranks = (~torch.isfinite(loss.detach().float())).float().reshape(1)

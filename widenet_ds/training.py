@@ -178,17 +178,22 @@ class MetricWindow:
 def train_step(engine, batches, grad_accum: int, window: MetricWindow, guard: NonFiniteGuard, step: int) -> None:
     """One optimizer step: ``grad_accum`` forward/backward passes (DeepSpeed steps at the boundary).
 
-    A batch whose loss is NaN/inf on any rank is skipped or stops the run (``guard``)."""
-    done = 0
+    A NaN/inf loss on any rank stops the run before the optimizer step, or its batch is skipped before
+    backward (``guard``; stopping reads the losses once per step, skipping once per micro-batch)."""
+    done, losses = 0, []
     while done < grad_accum:
         start = time.perf_counter()
         batch = next(batches)
         window.data_wait += time.perf_counter() - start
         tokens = int(batch["attention_mask"].sum())  # counted on the host, before the copy: no GPU sync
         out = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in batch.items()})
-        if guard.should_skip(out.loss, step):
+        if guard.checks_each_batch and guard.should_skip(out.loss, step):
             continue
         engine.backward(out.loss)
+        if not guard.checks_each_batch:
+            losses.append(out.loss.detach().clone())  # a copy: the next CUDA-graph replay overwrites out.loss
+            if done == grad_accum - 1:
+                guard.check_step(losses, step)
         engine.step()
         window.add(out, tokens)
         done += 1
