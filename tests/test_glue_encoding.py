@@ -76,6 +76,29 @@ def test_collate_scores_are_float_and_multiple_padding(tokenizer: PreTrainedToke
     assert batch["labels"].tolist() == pytest.approx([5.0, 3.8])
 
 
+def test_collate_rounds_up_but_not_past_max_length(tokenizer: PreTrainedTokenizerFast):
+    features = encode(EXPECTED[("mrpc", "train")], tokenizer, max_length=128)
+    longest = max(len(f["input_ids"]) for f in features)
+    assert 64 < longest < 127, "the case needs an example length between the two caps"
+    pad = tokenizer.pad_token_id
+    assert collate(features, pad, pad_to_multiple_of=64, max_length=512)["input_ids"].shape[1] == 128
+    assert collate(features, pad, pad_to_multiple_of=64, max_length=longest + 1)["input_ids"].shape[1] == longest + 1
+    assert collate(features, pad, pad_to_multiple_of=8, max_length=8)["input_ids"].shape[1] == longest  # no cut
+
+
+def test_a_compiled_fine_tuning_pads_to_a_few_lengths(tokenizer: PreTrainedTokenizerFast):
+    import argparse
+    from types import SimpleNamespace
+
+    from widenet_ds.finetune import batch_collator
+
+    features = encode(EXPECTED[("mrpc", "train")], tokenizer, max_length=128)
+    longest = max(len(f["input_ids"]) for f in features)
+    for compiled, expected in (("none", longest), ("model:reduce-overhead", 128)):
+        job = SimpleNamespace(args=argparse.Namespace(compile=compiled, max_seq_length=128), tokenizer=tokenizer)
+        assert batch_collator(job)(features)["input_ids"].shape[1] == expected
+
+
 def test_collate_needs_a_pad_token(tokenizer: PreTrainedTokenizerFast):
     with pytest.raises(ValueError, match="pad_token"):
         collate(encode(EXPECTED[("rte", "test")], tokenizer, max_length=16), pad_token_id=None)

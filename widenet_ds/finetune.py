@@ -230,6 +230,18 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+COMPILED_PAD_MULTIPLE = 64  # a compiled model sees lengths 64, 128, ... only (one graph, one CUDA graph each)
+
+
+def batch_collator(job: Job):
+    """``collate`` for this job: to the longest example of a batch; a compiled model's batches to the next
+    multiple of ``COMPILED_PAD_MULTIPLE`` (at most ``--max_seq_length``), so that it compiles, and records
+    CUDA graphs, for a few lengths instead of one per length met."""
+    compiled = job.args.compile != "none"
+    return partial(collate, pad_token_id=job.tokenizer.pad_token_id,
+                   pad_to_multiple_of=COMPILED_PAD_MULTIPLE if compiled else None, max_length=job.args.max_seq_length)
+
+
 def train_batches(job: Job):
     """Endless micro-batches of this rank's share of the train split, reshuffled every epoch."""
     from torch.utils.data import DataLoader, DistributedSampler
@@ -237,7 +249,7 @@ def train_batches(job: Job):
     rank, world = _rank_world()
     sampler = DistributedSampler(job.features["train"], num_replicas=world, rank=rank, seed=job.args.seed)
     loader = DataLoader(job.features["train"], batch_size=job.run.micro_batch_size, sampler=sampler,
-                        collate_fn=partial(collate, pad_token_id=job.tokenizer.pad_token_id))
+                        collate_fn=batch_collator(job))
     for epoch in itertools.count():
         sampler.set_epoch(epoch)
         yield from loader
@@ -253,11 +265,11 @@ def predict(job: Job, split: str) -> np.ndarray:
     rank, world = _rank_world()
     positions = [i % len(features) for i in range(rank, math.ceil(len(features) / world) * world, world)]
     size = job.args.eval_batch_size or job.run.micro_batch_size
-    logits = []
+    logits, collate_batch = [], batch_collator(job)
     engine.eval()
     with torch.no_grad():
         for chunk in (positions[i:i + size] for i in range(0, len(positions), size)):
-            batch = collate([features[i] for i in chunk], job.tokenizer.pad_token_id)
+            batch = collate_batch([features[i] for i in chunk])
             batch.pop("labels", None)
             logits.append(engine(**{k: v.to(engine.device) for k, v in batch.items()}).logits.float().cpu())
     engine.train()

@@ -43,8 +43,9 @@ def encode(examples: Sequence[GlueExample] | datasets.Dataset, tokenizer: PreTra
 
 
 def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int | None,
-            pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad ``encode`` outputs to the longest in the batch (rounded up to ``pad_to_multiple_of``).
+            pad_to_multiple_of: int | None = None, max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad ``encode`` outputs to the longest in the batch (rounded up to ``pad_to_multiple_of``, but not
+    past ``max_length``).
 
     Returns (B, T) int64 ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` and
     ``token_type_ids`` (padded with 0), and (B,) ``labels`` when present: int64 class
@@ -55,7 +56,8 @@ def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int | None,
         raise ValueError("collate needs a pad_token_id; this tokenizer has none: set tokenizer.pad_token first")
     length = max(len(f["input_ids"]) for f in features)
     if pad_to_multiple_of:
-        length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
+        rounded = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
+        length = rounded if max_length is None else max(length, min(rounded, max_length))
     batch = {key: torch.tensor([list(f[key]) + [pad] * (length - len(f[key])) for f in features])
              for key, pad in (("input_ids", pad_token_id), ("attention_mask", 0), ("token_type_ids", 0))}
     if "labels" in features[0]:
