@@ -395,6 +395,16 @@ def test_evaluate_scores_the_held_out_batches():
                                     "eval_loss": sum(losses) / 2})
 
 
+def test_a_run_without_checkpoints_ends_cleanly(tmp_path):
+    """--save_every 0: the run trains, saves and exports nothing, and exits 0 (it crashed at the export)."""
+    out = tmp_path / "run"
+    result = _launch(COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--output_dir", str(out),
+                               "--max_steps", "2", "--save_every", "0", "--eval_every", "0"])
+    assert "nothing exported" in result.stderr
+    assert [r["step"] for r in _records(out)] == [1, 2]
+    assert not (out / "final").exists() and not complete_checkpoints(out / "checkpoints")
+
+
 def test_profile_steps_read_a_range_or_one_step():
     import argparse
 

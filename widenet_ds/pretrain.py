@@ -213,10 +213,13 @@ def fit(job: Job) -> list[dict[str, Any]]:
 def export_final(job: Job) -> Path | None:
     """Export the newest complete checkpoint to ``output_dir/final`` (rank 0)."""
     final = job.output_dir / "final"
+    saved = checkpointing.complete_checkpoints(job.output_dir / "checkpoints")
+    if not saved:  # --save_every 0 and no earlier checkpoint: nothing to export, and nothing is lost
+        log.warning("no checkpoint in %s (--save_every 0): nothing exported", job.output_dir / "checkpoints")
+        return None
     if is_main_process():
-        newest = checkpointing.complete_checkpoints(job.output_dir / "checkpoints")[-1]
-        checkpointing.export_pretrained(newest, final, tokenizer_dir=job.data.tokenizer_dir)
-        log.info("exported %s to %s", newest.name, final)
+        checkpointing.export_pretrained(saved[-1], final, tokenizer_dir=job.data.tokenizer_dir)
+        log.info("exported %s to %s", saved[-1].name, final)
     if dist.is_initialized():
         dist.barrier()
     return final
