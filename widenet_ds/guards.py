@@ -51,6 +51,10 @@ class NonFiniteGuard:
                                  "data, then resume from the last checkpoint")
 
     def should_skip(self, loss: torch.Tensor, step: int) -> bool:
+        """'skip': whether to drop this batch (on every rank alike); 'stop': ``check_step`` of this loss alone."""
+        if self.action == "stop":
+            self.check_step([loss], step)
+            return False
         bad_ranks = (~torch.isfinite(loss.detach().float())).float().reshape(1)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad_ranks)
@@ -59,9 +63,6 @@ class NonFiniteGuard:
             return False
         self.consecutive += 1
         cause = f"non-finite loss ({loss.item()} here) at step {step} on {int(bad_ranks.item())} rank(s)"
-        if self.action == "stop":
-            raise NonFiniteLossError(f"{cause}; stopping (nonfinite_loss.action is 'stop'). Lower the learning "
-                                     "rate or check the data, then resume from the last checkpoint")
         if self.consecutive > self.max_consecutive:
             raise NonFiniteLossError(f"{cause}: {self.consecutive} bad batches in a row, more than "
                                      f"nonfinite_loss.max_consecutive ({self.max_consecutive}); stopping")
