@@ -44,7 +44,7 @@ from widenet_ds.ds_config import check_run_config  # noqa: E402
 from benchmarks.text_batches import KEYS as TEXT_KEYS  # noqa: E402
 from widenet_ds.modeling import (COMPILE_SCOPES, combine_aux_loss, compile_model, compile_settings,  # noqa: E402
                                  fast_moe)
-from widenet_ds.training import compile_variant  # noqa: E402
+from widenet_ds.training import check_cuda_graphs, compile_variant  # noqa: E402
 
 ZERO_VARIANTS = ("0", "1", "2", "0:fp32", "1:fp32", "2:fp32")
 MLM_HEADS = ("masked", "all")
@@ -75,6 +75,7 @@ class Row:
     compile: str = "none"  # compile_model scope[:mode], or 'none' (eager)
     zero: str = "-"  # train table: ZeRO stage[:fp32] (fp32: gradients accumulated in fp32)
     mlm_head: str = "-"  # train and hf tables: MLM head at 'all' positions or the 'masked' ones (mlm_positions)
+    grad_accum: int = 1  # train and hf tables: micro-batches of `batch` per optimizer step (one step is timed)
     ms_per_step: float | None = None  # median over the timed steps (CUDA events on GPU)
     wall_ms_per_step: float | None = None  # host wall clock over all timed steps / steps (after a sync)
     tokens_per_s: float | None = None
@@ -125,6 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlm_head", nargs="+", default=["masked"], choices=MLM_HEADS,
                    help="train table: run the MLM head at the masked positions only (the collator's "
                         "mlm_positions) or at all positions, each measured; the HF reference runs all")
+    p.add_argument("--grad_accum", type=int, default=1,
+                   help="train and hf tables: micro-batches of --batch per optimizer step, each the next batch "
+                        "(a timed step is all of them and one optimizer step; ds_configs/pretrain_1gpu.json "
+                        "accumulates 64)")
     p.add_argument("--optimizer", default="AdamW", choices=["AdamW", "Lamb"],
                    help="train table: the engine's optimizer (Lamb: widenet_ds.optim.Lamb, as the pretraining configs)")
     p.add_argument("--init", type=Path, metavar="DIR",
@@ -143,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.compile = args.compile or ["model"]
     if args.smoke:
         args.seqs, args.batch, args.warmup, args.steps, args.matmul_n = [16], 2, 1, 2, 256
+    if args.grad_accum < 1:
+        p.error(f"--grad_accum {args.grad_accum}: one micro-batch per step or more")
     if args.batches and args.no_attention_mask:
         p.error("--no_attention_mask: real-text batches are padded and need their attention mask")
     fed = args.seqs if {"train", "hf"} & set(args.tables) else []
@@ -371,15 +378,18 @@ def zero_settings(variant: str) -> dict[str, Any]:
     return {"zero_optimization": zero, **({"data_types": {"grad_accum_dtype": accumulate}} if accumulate else {})}
 
 
-def run_config(config: WideNetConfig, batch: int, device: torch.device, zero: str = "0", optimizer: str = "AdamW"):
+def run_config(config: WideNetConfig, batch: int, device: torch.device, zero: str = "0", optimizer: str = "AdamW",
+               grad_accum: int = 1):
     """The DeepSpeed run config of the benchmark: bf16, ZeRO ``zero`` (stage[:fp32]), ``optimizer`` (AdamW or
-    widenet_ds's Lamb, as ds_configs/pretrain_1gpu.json), clipping 1.0."""
+    widenet_ds's Lamb, as ds_configs/pretrain_1gpu.json), clipping 1.0, ``grad_accum`` micro-batches per step
+    (then each gradient moved to fp32 as it is made, as pretrain_1gpu.json: what CUDA graphs need)."""
     raw = {
-        "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": grad_accum,
         "optimizer": {"type": optimizer, "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-6,
                                                     "weight_decay": 0.01}},
         **({"zero_allow_untested_optimizer": True} if optimizer == "Lamb" else {}),
-        "gradient_clipping": 1.0, "bf16": {"enabled": True}, "steps_per_print": 10 ** 9, "moe": config.moe,
+        "gradient_clipping": 1.0, "bf16": {"enabled": True, **({"immediate_grad_update": True} if grad_accum > 1 else {})},
+        "steps_per_print": 10 ** 9, "moe": config.moe,
         **zero_settings(zero),
     }
     return check_run_config(raw, "benchmarks/bench_train.py", world_size=1, cuda=device.type == "cuda")
@@ -421,14 +431,14 @@ class Measure:
         row.step_ms = [round(t, 3) for t in times]
         row.ms_per_step = statistics.median(times)
         row.wall_ms_per_step = wall_ms
-        row.tokens_per_s = row.batch * row.seq / (row.ms_per_step / 1e3)
+        row.tokens_per_s = row.batch * row.seq * row.grad_accum / (row.ms_per_step / 1e3)
         kept_per_call = None
         if routes:  # [(kept routes summed over calls, calls)] per step, warm-up included
             kept = torch.stack([k for k, _ in routes]).sum().item()
             calls = sum(c for _, c in routes)
             kept_per_call = kept / calls
             row.kept_routes_per_token = kept_per_call / (row.batch * row.seq)
-        flops = 3 * flops_of(kept_per_call)
+        flops = 3 * flops_of(kept_per_call) * row.grad_accum
         row.model_tflop_per_step = flops / 1e12
         row.mfu = flops / (row.ms_per_step / 1e3) / (self.ceiling * 1e12)
         if self.device.type == "cuda":
@@ -450,30 +460,35 @@ def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: s
     init = args.init_model
     config = model_config(preset, args, impl, **(init["overrides"] if init else {}))
     moe = config.num_experts > 1
-    row = Row("train", preset, impl if moe else "-", seq, args.batch, variant, zero, mlm_head)
+    row = Row("train", preset, impl if moe else "-", seq, args.batch, variant, zero, mlm_head, args.grad_accum)
     positions = num_to_predict(seq, MASK_PROB, None) if mlm_head == "masked" else None
 
     def build():
+        run = run_config(config, args.batch, device, zero, args.optimizer, args.grad_accum)
+        check_cuda_graphs(variant, run)
         with torch.device(device):
             model = WideNetForPreTraining(config)
         if init:
             model.load_state_dict(init["state"])
         apply_compile(model, variant)
-        engine, _, _ = initialize_engine(model, run_config(config, args.batch, device, zero, args.optimizer))
+        engine, _, _ = initialize_engine(model, run)
         feed = batch_feed(args.text, args.batch, config.vocab_size, seq, device, mlm_positions=positions is not None,
                           mask=not args.no_attention_mask)
         routes, losses = [], []
 
         def step(mark=_no_mark):
-            out = engine(**feed())
-            losses.append(out.loss.detach().clone())
-            mark("forward")
-            engine.backward(out.loss)
-            mark("backward")
-            engine.step()
+            step_losses = []
+            for _ in range(args.grad_accum):  # DeepSpeed steps the optimizer at the last one
+                out = engine(**feed())
+                step_losses.append(out.loss.detach().clone())
+                mark("forward")
+                engine.backward(out.loss)
+                mark("backward")
+                engine.step()
+                if moe:
+                    routes.append((kept_routes(out.expert_counts, out.dropped_fraction), len(out.expert_counts)))
             mark("optimizer")
-            if moe:
-                routes.append((kept_routes(out.expert_counts, out.dropped_fraction), len(out.expert_counts)))
+            losses.append(torch.stack(step_losses).mean())
 
         return step, lambda kept: forward_flops(config, args.batch, seq, kept, mlm_positions=positions), routes, losses
 
@@ -487,7 +502,7 @@ def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
 
     args, device = measure.args, measure.device
     config = model_config("albert-base", args, "batched")
-    row = Row("hf", "hf-albert-base", "-", seq, args.batch, variant, mlm_head="all")
+    row = Row("hf", "hf-albert-base", "-", seq, args.batch, variant, mlm_head="all", grad_accum=args.grad_accum)
 
     def build():
         hf_config = AlbertConfig(
@@ -507,11 +522,14 @@ def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
         losses = []
 
         def step(mark=_no_mark):
-            loss = model(**feed()).loss
-            losses.append(loss.detach().clone())
-            mark("forward")
-            loss.backward()
-            mark("backward")
+            step_losses = []
+            for _ in range(args.grad_accum):
+                loss = model(**feed()).loss
+                step_losses.append(loss.detach().clone())
+                mark("forward")
+                (loss / args.grad_accum).backward()
+                mark("backward")
+            losses.append(torch.stack(step_losses).mean())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             mark("optimizer")
@@ -651,9 +669,10 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
              f"Fast vs reference MoE path, same weights and inputs (fp32): {meta.get('parity')}", ""]
     head = ("| model | MoE impl | compile | ZeRO | MLM head | seq | ms / step | tokens / s | model TFLOP / step | MFU "
             "| peak GiB | kept routes / token | loss, first -> last step |")
-    optimizer = meta["args"].get("optimizer", "AdamW")
-    for table, title in (("train", f"Full training step (DeepSpeed engine, {optimizer})"),
-                         ("hf", "Hugging Face AlbertForPreTraining (sdpa, torch AdamW)"),
+    optimizer, accum = meta["args"].get("optimizer", "AdamW"), meta["args"].get("grad_accum", 1)
+    per_step = f", {accum} micro-batches per step" if accum > 1 else ""
+    for table, title in (("train", f"Full training step (DeepSpeed engine, {optimizer}{per_step})"),
+                         ("hf", f"Hugging Face AlbertForPreTraining (sdpa, torch AdamW{per_step})"),
                          ("stack", "Encoder stack only, forward + backward (DESIGN.md section 4)")):
         chosen = [r for r in rows if r.table == table]
         if not chosen:

@@ -434,6 +434,31 @@ def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
         bench.parse_args(["--batches", str(made), "--batch", "2", "--seqs", "16", "32"])
 
 
+def test_benchmark_times_steps_of_several_micro_batches(tmp_path):
+    """--grad_accum 3: a timed step is 3 micro-batches and one optimizer step (tokens and FLOPs x 3); CUDA graphs
+    with accumulation under a config that keeps gradients between micro-batches are refused before any compute."""
+    bench = _bench_module()
+    command = [sys.executable, str(BENCH), "--smoke", "--tables", "train", "hf", "--presets", "widenet-base-e4",
+               "--impls", "grouped", "--grad_accum", "3", "--out", str(tmp_path), "--name", "acc"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = json.loads((tmp_path / "acc.json").read_text())
+    args = bench.parse_args(["--smoke"])
+    for row in saved["rows"]:
+        assert row["error"] is None and row["grad_accum"] == 3 and len(row["losses"]) == 3  # 1 warm-up + 2 steps
+        assert row["tokens_per_s"] == pytest.approx(2 * 16 * 3 / (row["ms_per_step"] / 1e3))
+    train = saved["rows"][0]
+    config = bench.model_config("widenet-base-e4", args, "grouped")
+    kept = train["kept_routes_per_token"] * 2 * 16
+    expected = 3 * 3 * bench.forward_flops(config, 2, 16, kept, mlm_positions=bench.num_to_predict(16, 0.15, None))
+    assert train["model_tflop_per_step"] == pytest.approx(expected / 1e12)
+    assert "AdamW, 3 micro-batches per step" in (tmp_path / "acc.md").read_text()
+
+    measure = bench.Measure(bench.parse_args(["--smoke", "--grad_accum", "3"]), torch.device("cpu"), 1.0, tmp_path)
+    refused = bench.bench_widenet(measure, "widenet-base-e4", "grouped", 16, "model:reduce-overhead", "0")
+    assert "overwrite the gradients this engine keeps between the 3 micro-batches" in refused.error
+
+
 def test_benchmark_starts_from_an_exported_model_with_init(tmp_path):
     """--init: the train rows start from an exported model's weights (here one whose MLM output bias puts
     +40 on a token no label uses: the first loss is ~40 higher than from fresh weights), its
