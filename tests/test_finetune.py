@@ -110,13 +110,15 @@ def test_classification_and_regression_from_a_preset_with_the_table(glue_dir, to
     out = tmp_path / "grid"
     table = glue_table(["run", "--models", "debug=preset:debug", "--tasks", "mrpc", "stsb", "mnli", "--seeds", "1",
                         "--output_dir", str(out), "--data_dir", str(glue_dir), "--tokenizer", str(tokenizer_dir),
-                        "--deepspeed_config", str(SMOKE), *SHORT])
+                        "--deepspeed_config", str(SMOKE), *SHORT, "--profile", "2:3"])
     expected = {"mrpc": {"MRPC.tsv": 3}, "stsb": {"STS-B.tsv": 3},
                 "mnli": {"MNLI-m.tsv": 1, "MNLI-mm.tsv": 2, "AX.tsv": 1}}  # MNLI: both dev splits, AX too
     for task, submissions in expected.items():
         dev = {split: load_split(task, split, data_dir=glue_dir) for split in get_task(task).dev_splits}
         results = _check_run(out / "debug" / task / "seed1", task, dev, submissions)
         assert (results["model"], results["seed"]) == ("debug", 1)
+        profile = (out / "debug" / task / "seed1" / "profile" / "ops_rank0.txt").read_text()
+        assert profile.startswith("optimizer steps 2..3 (2): ") and "aten::" in profile
     assert table.splitlines()[0] == "| Model | MRPC | STS-B | MNLI-m | Avg |"
     assert table.splitlines()[2].startswith("| debug |")
     assert table in capsys.readouterr().out
@@ -223,6 +225,7 @@ def test_user_mistakes_are_named_before_any_training(glue_dir, tokenizer_dir, tm
     paper = REPO / "ds_configs" / "finetune_mrpc.json"
     _fails([*from_export, "--deepspeed_config", str(paper)], ConfigError,
            "total_num_steps is 800", "this run asks for 6 steps")
+    _fails([*from_export, "--profile", "5:9"], ConfigError, "--profile 5:9 ends after the run's last step (6)")
     assert not out.exists(), "nothing was trained or written"
 
 
