@@ -41,6 +41,7 @@ from widenet_ds import PRESETS, WideNetConfig, WideNetForPreTraining, WideNetMod
 from widenet_ds.config import MOE_IMPLS  # noqa: E402
 from widenet_ds.data.pretraining import num_to_predict  # noqa: E402
 from widenet_ds.ds_config import check_run_config  # noqa: E402
+from widenet_ds.flops import forward_flops, kept_routes  # noqa: E402
 from benchmarks.text_batches import KEYS as TEXT_KEYS  # noqa: E402
 from widenet_ds.modeling import (COMPILE_SCOPES, combine_aux_loss, compile_model, compile_settings,  # noqa: E402
                                  fast_moe)
@@ -196,36 +197,6 @@ def load_text_batches(p: argparse.ArgumentParser, paths: list[Path], batch: int,
     if missing:
         p.error(f"--batches has no file for --seqs {missing} (files for {sorted(text)})")
     return text
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-def forward_flops(config: WideNetConfig, batch: int, seq: int, kept_routes_per_call: float | None,
-                  encoder_only: bool = False, mlm_positions: int | None = None) -> float:
-    """Forward matmul FLOPs (2 per multiply-add) of one batch; see benchmarks/README.md.
-
-    ``kept_routes_per_call``: routes kept within capacity in one MoE call (all tokens of the batch),
-    averaged over the calls; dense models ignore it. ``mlm_positions``: positions per sequence the MLM
-    head runs at (default: every position).
-    """
-    n, h, i, e, v = batch * seq, config.hidden_size, config.intermediate_size, config.embedding_size, config.vocab_size
-    attention = 8 * n * h * h + 4 * n * seq * h  # Q, K, V, O projections + scores and weighted sum
-    if config.num_experts > 1:
-        ffn = 2 * n * h * config.num_experts + 4 * h * i * kept_routes_per_call  # router + kept routes' experts
-    else:
-        ffn = 4 * n * h * i
-    stack = config.num_hidden_layers * (attention + ffn)
-    if encoder_only:
-        return stack
-    embeddings = 2 * n * e * h  # embedding_size -> hidden projection
-    predicted = batch * (seq if mlm_positions is None else mlm_positions)
-    heads = 2 * predicted * e * (h + v) + 2 * batch * h * (h + 2)  # MLM dense + decoder, pooler, SOP
-    return stack + embeddings + heads
-
-
-def kept_routes(expert_counts_TE: torch.Tensor, dropped_fraction_T: torch.Tensor) -> torch.Tensor:
-    """Routes kept within capacity, summed over the routing calls (a device tensor: no sync)."""
-    return (expert_counts_TE.sum(-1).float() * (1 - dropped_fraction_T.float())).sum().detach()
 
 
 # ----------------------------------------------------------------------------- timing

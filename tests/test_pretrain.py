@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.english import book_text, write_jsonl
-from widenet_ds import WideNetForPreTraining
+from widenet_ds import WideNetConfig, WideNetForPreTraining
 from widenet_ds.checkpointing import CheckpointError, complete_checkpoints, full_state_dict
 from widenet_ds.config import ConfigError
 from widenet_ds.data import CorpusError
@@ -79,6 +79,7 @@ def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(ep2_run):
     record = train[-1]
     assert {"mlm_loss", "sop_loss", "aux_loss", "lr", "tokens_per_s", "dropped_fraction"} <= set(record)
     assert all(0 <= r["data_wait_fraction"] < 1 for r in train)
+    assert all(r["model_tflop_per_s_per_gpu"] > 0 for r in train)
     assert len(record["expert_load"]) == 3 and all(len(row) == 4 for row in record["expert_load"])
     assert all(abs(sum(row) - 1) < 1e-4 for row in record["expert_load"])
     evals = [r for r in records if "eval_mlm_accuracy" in r]
@@ -352,6 +353,32 @@ def test_the_metric_window_keeps_its_own_copy_of_a_steps_outputs():
     window.add(SimpleNamespace(loss=torch.tensor(4.0), expert_counts=torch.tensor([[1.0, 1.0]])), tokens=8)
     record = window.record(step=2, lr=1e-3, world=1)
     assert record["loss"] == 3.0 and record["expert_load"] == [pytest.approx([2 / 3, 1 / 3])]
+
+
+def test_the_metric_window_counts_the_model_flops_of_real_tokens_and_kept_routes():
+    """model_tflop_per_s_per_gpu: the FLOPs of the benchmark's formula for the real tokens of each micro-batch, the
+    MLM head at its labelled positions and the routes the router kept (the padding and dropped routes left out)."""
+    from types import SimpleNamespace
+
+    from widenet_ds.flops import forward_flops
+    from widenet_ds.training import MetricWindow
+
+    config = WideNetConfig.from_preset("debug")  # 4 experts, top-2
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0  # 26 real tokens of 32
+    batch = {"input_ids": torch.zeros(2, 16, dtype=torch.long), "attention_mask": mask,
+             "mlm_positions": torch.tensor([[1, 4, 6], [2, -1, -1]])}
+    counts = torch.tensor([[20.0, 12.0, 10.0, 10.0]] * layers)  # 52 routes per call (26 tokens x 2)
+    dropped = torch.full((layers,), 0.25)  # 39 kept
+    window = MetricWindow(flop_config=config)
+    window.add(SimpleNamespace(loss=torch.tensor(2.0), expert_counts=counts, dropped_fraction=dropped), 26, batch)
+    dense = forward_flops(config, 2, 16, 0.0, mlm_positions=2.0, tokens=26)  # 4 positions / 2 rows
+    expected = 3 * (dense + layers * 4 * h * i * 39)
+    assert float(window.flops) == pytest.approx(expected, rel=1e-6)
+    record = window.record(step=1, lr=1e-3, world=1)
+    assert record["model_tflop_per_s_per_gpu"] > 0
+    assert forward_flops(config, 2, 16, 39.0, tokens=32) == forward_flops(config, 2, 16, 39.0)  # all real: as before
 
 
 def test_evaluate_scores_the_held_out_batches():

@@ -179,7 +179,7 @@ def fit(job: Job) -> list[dict[str, Any]]:
     args, engine = job.args, job.engine
     world = dist.get_world_size() if dist.is_initialized() else 1
     batches = job.data.train_batches()
-    records, window = [], MetricWindow()
+    records, window = [], MetricWindow(flop_config=job.config)
     guard = NonFiniteGuard(**job.run.nonfinite_loss)
     profiler = StepProfiler(args.profile, job.output_dir / "profile")
     bar = tqdm(total=args.max_steps, initial=job.state["step"], disable=not is_main_process(), desc="pretrain")

@@ -139,9 +139,13 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 class MetricWindow:
-    """Losses and routing statistics summed since the last log line (kept on the device: no sync per step)."""
+    """Losses and routing statistics summed since the last log line (kept on the device: no sync per step).
 
-    def __init__(self):
+    With ``flop_config`` (pretraining) it also counts model FLOPs (``widenet_ds.flops.pretraining_flops``) and
+    records ``model_tflop_per_s_per_gpu``, averaged over the ranks."""
+
+    def __init__(self, flop_config: WideNetConfig | None = None):
+        self.flop_config = flop_config
         self.reset()
 
     def reset(self):
@@ -149,9 +153,10 @@ class MetricWindow:
         self.count = 0
         self.tokens = 0
         self.data_wait = 0.0  # seconds the loop waited for its next batch
+        self.flops = 0.0  # a device tensor once an MoE's kept routes are added
         self.start = time.perf_counter()
 
-    def add(self, out, tokens: int) -> None:
+    def add(self, out, tokens: int, batch: dict[str, torch.Tensor] | None = None) -> None:
         for key in _WINDOW_FIELDS:
             value = getattr(out, key, None)
             if value is not None:
@@ -160,6 +165,10 @@ class MetricWindow:
                 self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
         self.count += 1
         self.tokens += tokens
+        if self.flop_config is not None and batch is not None:
+            from .flops import pretraining_flops
+
+            self.flops = self.flops + pretraining_flops(self.flop_config, batch, out)
 
     def record(self, step: int, lr: float, world: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.start
@@ -172,6 +181,10 @@ class MetricWindow:
                 record[key] = mean.tolist()
         record.update(lr=lr, tokens_per_s=self.tokens * world / max(elapsed, 1e-9),
                       data_wait_fraction=self.data_wait / max(elapsed, 1e-9))
+        if self.flop_config is not None and self.count:
+            device = self.sums["loss"].device  # NCCL reduces device tensors only
+            flops = mean_over_ranks(torch.as_tensor(self.flops, dtype=torch.float64, device=device)).item()
+            record["model_tflop_per_s_per_gpu"] = flops / max(elapsed, 1e-9) / 1e12
         return record
 
 
@@ -195,7 +208,7 @@ def train_step(engine, batches, grad_accum: int, window: MetricWindow, guard: No
             if done == grad_accum - 1:
                 guard.check_step(losses, step)
         engine.step()
-        window.add(out, tokens)
+        window.add(out, tokens, batch)
         done += 1
 
 
