@@ -43,13 +43,11 @@ def kept_routes(expert_counts_TE: torch.Tensor, dropped_fraction_T: torch.Tensor
     return (expert_counts_TE.sum(-1).float() * (1 - dropped_fraction_T.float())).sum().detach()
 
 
-def pretraining_flops(config: WideNetConfig, batch: dict[str, torch.Tensor], out):
-    """Model FLOPs (forward + backward) of one pretraining micro-batch: the token-wise work of its real tokens
-    (padding left out), the MLM head at its labelled positions, and in an MoE the routes kept within
-    capacity (then a device tensor: no host sync). ``batch`` as the collator makes it (on the host)."""
+def pretraining_flops(config: WideNetConfig, batch: dict[str, torch.Tensor], out, tokens: int):
+    """Model FLOPs (forward + backward) of one pretraining micro-batch: the token-wise work of its ``tokens``
+    real tokens (padding left out), the MLM head at its labelled positions, and in an MoE the routes kept
+    within capacity (then a device tensor: no host sync). ``batch`` as the collator makes it (on the host)."""
     rows, seq = batch["input_ids"].shape
-    mask = batch.get("attention_mask")
-    tokens = int(mask.sum()) if mask is not None else rows * seq
     positions = batch.get("mlm_positions")
     predicted = None if positions is None else int((positions >= 0).sum()) / rows
     kept = None

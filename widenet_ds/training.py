@@ -168,7 +168,7 @@ class MetricWindow:
         if self.flop_config is not None and batch is not None:
             from .flops import pretraining_flops
 
-            self.flops = self.flops + pretraining_flops(self.flop_config, batch, out)
+            self.flops = self.flops + pretraining_flops(self.flop_config, batch, out, tokens)
 
     def record(self, step: int, lr: float, world: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.start
@@ -271,10 +271,6 @@ class StepProfiler:
         self.profiler = None
 
     def write(self, prof, wall: float) -> None:
-        import gzip
-        import os
-        import tempfile
-
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.directory.mkdir(parents=True, exist_ok=True)
         count = self.steps[1] - self.steps[0] + 1
@@ -286,9 +282,5 @@ class StepProfiler:
                 "by self_cpu_time_total:", averages.table(sort_by="self_cpu_time_total", row_limit=40,
                                                           max_name_column_width=90)]
         (self.directory / f"ops_rank{rank}.txt").write_text("\n".join(text))
-        with tempfile.TemporaryDirectory() as tmp:  # export_chrome_trace writes a plain file
-            plain = os.path.join(tmp, "trace.json")
-            prof.export_chrome_trace(plain)
-            with open(plain, "rb") as src, gzip.open(self.directory / f"trace_rank{rank}.json.gz", "wb") as dst:
-                dst.write(src.read())
+        prof.export_chrome_trace(str(self.directory / f"trace_rank{rank}.json.gz"))  # gzipped by its suffix
         log.info("profile of steps %d..%d written to %s", *self.steps, self.directory)
