@@ -45,6 +45,32 @@ def test_a_one_process_world_leaves_no_launcher_variables_behind(monkeypatch):
     assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
 
 
+def test_cuda_graphs_are_freed_while_the_process_group_still_exists(monkeypatch):
+    """On two H200s, ep_size 2 with CUDA graphs (``reduce-overhead``) hung at exit, after its last line of
+    Python, until the graphs were freed before the NCCL group goes. Here (no GPU) the CUDA calls are stood
+    in for; what is checked is the order: graphs freed, then the group destroyed; on an error without
+    waiting for the GPU."""
+    import torch
+
+    from widenet_ds.distributed import close_distributed, init_distributed
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("synchronize"))
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append(("graphs freed", torch.distributed.is_initialized())))
+    for barrier in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a gloo group on this CPU
+        init_distributed()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        events.clear()
+        close_distributed(barrier=barrier)
+        assert events == ["synchronize", ("graphs freed", True)] if barrier else [("graphs freed", True)]
+        assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize("ending", ["clean", "rank 1 dies"])
 def test_a_cpu_launch_leaves_no_deepspeed_shared_memory_buffers(tmp_path, ending):
     """DeepSpeed's CPU all-reduce puts a ~66 MB file per rank in /dev/shm and never removes it;
