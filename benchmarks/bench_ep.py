@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--zero", default="1", choices=ZERO_VARIANTS,
                    help="ZeRO stage; '1:fp32' accumulates gradients in fp32 (DeepSpeed's BF16_Optimizer)")
     p.add_argument("--impl", default="batched", choices=("batched", "grouped", "deepspeed"),
-                   help="moe.impl (grouped needs ep_size 1; at ep_size > 1 it runs batched)")
+                   help="moe.impl (grouped: at ep_size > 1 over the filled slots each rank received)")
     p.add_argument("--compile", default="none", type=compile_variant,
                    help="'none' or a compile_model scope with settings, as bench_train.py (e.g. model:reduce-overhead)")
     p.add_argument("--mlm_head", default="masked", choices=MLM_HEADS,

@@ -21,7 +21,8 @@ from widenet_ds import ConfigError, MoESettings, WideNetConfig, WideNetForPreTra
 from widenet_ds.modeling import (BatchedExperts, FeedForward, GatherMOELayer, compile_model, compile_settings,
                                  top_k_route, top_k_route_fast, uses_cuda_graphs)
 from widenet_ds.modeling import fast_moe
-from widenet_ds.modeling.fast_moe import (_Combine, _Dispatch, _ExpertLinear, _RowBias, grouped_mm_is_fast,
+from widenet_ds.modeling.fast_moe import (_Combine, _Dispatch, _ExpertLinear, _Permute, _RowBias, grouped_mm_is_fast,
+                                          received_packing,
                                            route_maps)
 
 
@@ -318,6 +319,27 @@ def test_dispatch_combine_and_expert_linear_gradients_are_exact():
     y_XO, b_EO = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((8, 3), (4, 3)))
     torch.autograd.gradcheck(lambda y, b: _RowBias.apply(y, b, expert_X), (y_XO, b_EO))
     torch.testing.assert_close(_RowBias.apply(y_XO, b_EO, expert_X)[-2:], y_XO[-2:])
+
+
+def test_received_slots_are_packed_expert_after_expert_and_back():
+    """Expert parallelism, grouped: the (G, L, C) slots a rank received, the first counts[g, l] of each
+    block filled, packed per local expert (ranks in order) into 16-aligned groups, and unpacked."""
+    counts_GL = torch.tensor([[2, 0], [1, 3]])  # rank 0 sent 2 routes to local expert 0, none to 1; rank 1: 1 and 3
+    source_P, packed_X, end_L, expert_P, P = received_packing(counts_GL, capacity=3)
+    X = 2 * 2 * 3  # received slot (g, l, c) is g * 6 + l * 3 + c
+    assert P == 48 and end_L.tolist() == [16, 32] and end_L.dtype == torch.int32
+    assert packed_X.tolist() == [0, 1, P, P, P, P, 2, P, P, 16, 17, 18]
+    assert source_P[:3].tolist() == [0, 1, 6] and source_P[16:19].tolist() == [9, 10, 11]
+    assert (source_P[3:16] == X).all() and (source_P[19:] == X).all()
+    assert expert_P.tolist() == [0] * 16 + [1] * 16 + [2] * 16
+    slots_XM = torch.randn(X, 3, dtype=torch.float64, requires_grad=True)
+    packed_PM = _Permute.apply(slots_XM, source_P, packed_X)
+    filled = packed_X < P
+    torch.testing.assert_close(_Permute.apply(packed_PM, packed_X, source_P)[filled], slots_XM[filled])
+    assert (_Permute.apply(packed_PM, packed_X, source_P)[~filled] == 0).all()
+    torch.autograd.gradcheck(lambda x: _Permute.apply(x, source_P, packed_X), (slots_XM,))
+    torch.autograd.gradcheck(lambda y: _Permute.apply(y, packed_X, source_P),
+                             (torch.randn(P, 3, dtype=torch.float64, requires_grad=True),))
 
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"

@@ -50,7 +50,8 @@ class MoESettings:
     aux_loss_coef: float = 0.01  # lambda: weight of the load-balance loss (mean over routing calls)
     # How the MoE computes (same parameters, same results): "batched" runs the local experts as one
     # batched matmul over all E x C capacity slots and routes without host syncs; "grouped" packs the
-    # kept routes and runs grouped matmuls over them only (ep_size 1; batched with expert parallelism);
+    # kept routes and runs grouped matmuls over them only (with expert parallelism: the filled slots each
+    # rank received);
     # "deepspeed" is DeepSpeed's expert loop and the reference router. A run-time setting, not
     # architecture: checkpoints load under any.
     impl: str = "batched"

@@ -13,10 +13,13 @@ What is faster, and why (measured on an H200, bf16, 12 shared blocks, seq 512, b
 - ``GatherMOELayer``: dispatch and combine are gathers in both directions. DeepSpeed's
   ``index_select`` dispatch has an atomic scatter-add backward in which every empty slot and
   every dropped route adds into one shared padding row (~0.3 ms per call).
-- ``grouped`` (ep_size 1): the kept routes are packed expert after expert, each expert's group
+- ``grouped``: the kept routes are packed expert after expert, each expert's group
   padded to a multiple of 16 rows, and the experts run as grouped matmuls
   (``torch._grouped_mm``) over the packed rows only, instead of over all E*C capacity slots
-  (with C = 1.2 and an untrained router, ~1/3 of those slots are empty).
+  (with C = 1.2 and an untrained router, ~1/3 of those slots are empty). At ep_size 1 the
+  tokens are packed directly; with expert parallelism the all-to-all keeps DeepSpeed's fixed
+  slot layout, and each rank packs the filled slots it received (the ranks exchange their kept
+  counts per expert: one small all-to-all) and unpacks the results before the all-to-all back.
 
 Shape suffixes: S tokens, M model width, E experts (global), L local experts, G expert-parallel
 ranks, C capacity, K routes per token, X = E*C expert slots (or the packed rows), N = G*C tokens per
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from deepspeed import comm as dist
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
 from deepspeed.utils import groups
@@ -157,6 +161,22 @@ class _Dispatch(torch.autograd.Function):
         return grad_KSM.sum(0), None, None
 
 
+class _Permute(torch.autograd.Function):
+    """Rows moved one to one: ``out[i] = x[index[i]]`` (``index[i] = len(x)``: a row of zeros); ``inverse[j]``
+    is row j's place in the output (``len(out)``: none). Backward is the inverse gather, no scatter-add:
+    rows of x that reach no output get zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x_RM: Tensor, index_O: Tensor, inverse_R: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse_R)
+        return _rows(x_RM, index_O)
+
+    @staticmethod
+    def backward(ctx, grad_OM: Tensor):
+        (inverse_R,) = ctx.saved_tensors
+        return _rows(grad_OM, inverse_R), None, None
+
+
 class _Combine(torch.autograd.Function):
     """Expert slots (X, M) -> tokens (S, M): ``y_s = sum_k gate_ks * out[slot_ks]``, the products and
     the sum in fp32 (the gates' dtype) as DeepSpeed's ``_sparse_decode``. Backward: a kept slot's
@@ -215,6 +235,34 @@ def packed_slots(indices_KS: Tensor, locations_KS: Tensor, kept_E: Tensor,
     return slot_KS, end_E.to(torch.int32), expert_X, X
 
 
+def received_packing(counts_GL: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """Packed rows for the slots an expert-parallel rank received, without host synchronisation.
+
+    After the all-to-all a rank holds (G, L, C) slots: from each of the G ranks, C slots for each of
+    its L local experts, of which the first ``counts_GL[g, l]`` are filled (a route's location is
+    its rank among its expert's kept routes). The filled slots are packed expert after expert (ranks
+    in order within an expert), each expert's group padded to ``GROUP_ALIGN`` rows. Returns
+    ``source_P`` (each packed row's received slot, G*L*C for a padding row), ``packed_X`` (each
+    received slot's packed row, P for an empty slot), ``end_L`` (int32 group ends), ``expert_P``
+    (each row's local expert, L past the last group) and P, the number of packed rows (a bound known
+    on the host).
+    """
+    G, L = counts_GL.shape
+    X = G * L * capacity
+    P = -(-(X + (GROUP_ALIGN - 1) * L) // GROUP_ALIGN) * GROUP_ALIGN
+    rows_L = (counts_GL.sum(0) + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+    end_L = rows_L.cumsum(0)
+    start_GL = (end_L - rows_L)[None, :] + counts_GL.cumsum(0) - counts_GL  # each rank's block in its expert's group
+    location_C = torch.arange(capacity, device=counts_GL.device)
+    packed_GLC = torch.where(location_C < counts_GL[..., None], start_GL[..., None] + location_C, P)
+    packed_X = packed_GLC.reshape(-1)
+    # Empty slots all write the extra row P, which is cut off: no other row is written twice.
+    source_P = torch.full((P + 1,), X, dtype=torch.long, device=counts_GL.device)
+    source_P.scatter_(0, packed_X, torch.arange(X, device=counts_GL.device))
+    expert_P = torch.searchsorted(end_L, torch.arange(P, device=counts_GL.device), right=True)
+    return source_P[:P], packed_X, end_L.to(torch.int32), expert_P, P
+
+
 def slot_maps(slot_KS: Tensor, gates_KS: Tensor, num_slots: int) -> tuple[Tensor, Tensor]:
     """``source_X`` (each slot's token, S for an empty slot) and ``gate_X`` (each slot's gate, 0 if
     empty) of ``num_slots`` slots, from each route's slot (``num_slots`` for a dropped route)."""
@@ -252,9 +300,9 @@ class GatherMOELayer(MOELayer):
     """DeepSpeed's ``MOELayer`` with gather-only dispatch and combine (same gate, experts, groups and
     all-to-all). Falls back to DeepSpeed's forward when ``fast`` is off and for what the fast
     forward does not cover: Tutel, tensor-parallel experts (``groups.mpu``), wall-clock timers.
-    ``grouped`` packs the kept routes and runs grouped matmuls (ep_size 1; with expert parallelism
-    the all-to-all needs the fixed E x C slot layout, and on GPUs or dtypes where ``torch._grouped_mm``
-    is slow, see ``grouped_mm_is_fast``, the layer uses the batched experts)."""
+    ``grouped`` packs the kept routes and runs grouped matmuls (at ep_size 1 from the tokens; with
+    expert parallelism from the slots each rank received, ``received_packing``; on GPUs or dtypes
+    where ``torch._grouped_mm`` is slow, see ``grouped_mm_is_fast``, the layer uses the batched experts)."""
 
     def __init__(self, layer: MOELayer):
         super().__init__(layer.gate, layer.experts, layer.ep_group_name, layer.ep_size, layer.num_local_experts,
@@ -293,7 +341,22 @@ class GatherMOELayer(MOELayer):
         slot_KS, source_X, gate_X = route_maps(indices_KS, locations_KS, gates_KS, E, C)
         slots_XM = _Dispatch.apply(x_SM, slot_KS, source_X)
         slots_XM = _AllToAll.apply(self.ep_group, slots_XM) if self.ep_size > 1 else slots_XM
-        out = self.experts(slots_XM.view(self.ep_size, self.num_local_experts, -1, M))
-        out_XM = out.reshape(E * C, M)
+        if self.grouped and self.ep_size > 1 and self._grouped_fits(x_SM):
+            out_XM = self._grouped_received(slots_XM, C)
+        else:
+            out = self.experts(slots_XM.view(self.ep_size, self.num_local_experts, -1, M))
+            out_XM = out.reshape(E * C, M)
         out_XM = _AllToAll.apply(self.ep_group, out_XM) if self.ep_size > 1 else out_XM
         return _Combine.apply(out_XM, gates_KS, slot_KS, source_X, gate_X).reshape(x.shape)
+
+    def _grouped_received(self, slots_XM: Tensor, capacity: int) -> Tensor:
+        """The local experts over the filled slots received from every rank ((G*L*C, M) in, same out;
+        empty slots come back zero): the ranks swap their kept counts per expert (an all-to-all of E
+        integers), then the filled slots are packed, run as grouped matmuls and unpacked."""
+        kept_E = self.exp_counts[1].contiguous()
+        counts = torch.empty_like(kept_E)
+        dist.all_to_all_single(counts, kept_E, group=self.ep_group)
+        counts_GL = counts.view(self.ep_size, self.num_local_experts)
+        source_P, packed_X, end_L, expert_P, _ = received_packing(counts_GL, capacity)
+        out_PM = self.experts.forward_grouped(_Permute.apply(slots_XM, source_P, packed_X), end_L, expert_P)
+        return _Permute.apply(out_PM, packed_X, source_P)

@@ -122,8 +122,8 @@ class MoEFeedForward(nn.Module):
 
     def use_impl(self, impl: str) -> None:
         """'batched' (sync-free router, gather dispatch/combine, batched experts; widenet_ds/modeling/
-        fast_moe.py), 'grouped' (the same, with the kept routes packed into grouped matmuls; ep_size 1,
-        else batched) or 'deepspeed' (the reference router in DeepSpeed's MOELayer and expert loop).
+        fast_moe.py), 'grouped' (the same, with the kept routes packed into grouped matmuls; with expert
+        parallelism the filled slots each rank received) or 'deepspeed' (the reference router in DeepSpeed's MOELayer and expert loop).
         All compute the same function of the same parameters."""
         fast = impl in ("batched", "grouped")
         self.gate.fast_routing = self.moe.deepspeed_moe.fast = self.experts.batched = fast
