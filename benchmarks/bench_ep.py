@@ -2,6 +2,8 @@
 ep_size = world size, each rank its own batch (weak scaling), against the same on one GPU.
 
     python benchmarks/bench_ep.py --ep_size 1 --out r1.json                      # 1 GPU
+    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 2 --impl grouped --init /tmp/job/final \
+        --batches runs/bench_data/text-s512-b32.pt --out r2g.json               # from a trained router
     deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 2 --out r2.json      # 2 GPUs, ep 2
     deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 1 --out r2dp.json    # 2 GPUs, data parallel only
 
@@ -27,11 +29,13 @@ from widenet_ds import WideNetConfig, WideNetForPreTraining  # noqa: E402
 from widenet_ds.distributed import close_distributed, init_distributed  # noqa: E402
 from widenet_ds.ds_config import check_run_config  # noqa: E402
 from widenet_ds.engine import initialize_engine  # noqa: E402
+from widenet_ds.expert_sharding import expert_parallel_rank, to_local_experts  # noqa: E402
+from widenet_ds.flops import kept_routes  # noqa: E402
 from widenet_ds.modeling import compile_model  # noqa: E402
 from widenet_ds.training import compile_variant  # noqa: E402
 
 # this folder: the same ZeRO variants, batches and MLM head as the train table
-from bench_train import MLM_HEADS, ZERO_VARIANTS, batch_feed, load_text_batches, zero_settings  # noqa: E402
+from bench_train import MLM_HEADS, ZERO_VARIANTS, batch_feed, load_init, load_text_batches, zero_settings  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,11 +57,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", nargs="*", type=Path, default=[], metavar="FILE",
                    help="real-text batches (benchmarks/text_batches.py) of --seq and --batch; rank r takes every "
                         "world-th one from the r-th; default a fixed random batch per rank")
+    p.add_argument("--init", type=Path, metavar="DIR",
+                   help="start from an exported pretraining model (launch/pretrain.py's output_dir/final, all "
+                        "experts; each rank keeps its own): a trained router keeps ~1.9 of 2 routes per token where "
+                        "a fresh one drops some, which flatters the grouped experts (they skip dropped routes)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="debug preset on CPU, 2 steps")
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args(argv)
     args.text = load_text_batches(p, args.batches, args.batch, [args.seq])
+    args.presets, args.capacity_factor = ["debug" if args.smoke else args.preset], 1.2  # what load_init checks
+    args.init_model = load_init(p, args) if args.init else None
     return args
 
 
@@ -67,7 +77,8 @@ def main(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
     moe = {"capacity_factor": 1.2, "eval_capacity_factor": 1.2, "ep_size": args.ep_size, "impl": args.impl}
     preset = "debug" if args.smoke else args.preset
-    config = WideNetConfig.from_preset(preset, moe=moe)
+    init = args.init_model
+    config = WideNetConfig.from_preset(preset, **(init["overrides"] if init else {}), moe=moe)
     seq = min(args.seq, config.max_position_embeddings)
     raw = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "gradient_clipping": 1.0,
@@ -75,6 +86,9 @@ def main(args: argparse.Namespace) -> None:
     run = check_run_config(raw, "benchmarks/bench_ep.py", world_size=world, cuda=cuda)
     torch.manual_seed(0)
     model = WideNetForPreTraining(config)
+    if init:
+        ep_rank = expert_parallel_rank(rank, world, args.ep_size)
+        model.load_state_dict(to_local_experts(init["state"], config.num_experts, args.ep_size, ep_rank))
     if args.compile != "none":
         compile_model(model, args.compile)
     engine, _, _ = initialize_engine(model, run)
@@ -82,10 +96,14 @@ def main(args: argparse.Namespace) -> None:
     feed = batch_feed(args.text, args.batch, config.vocab_size, seq, engine.device, mlm_positions=masked, rank=rank,
                       world=world)
 
+    routes, losses = [], []
+
     def step():
         out = engine(**feed())
         engine.backward(out.loss)
         engine.step()
+        routes.append((kept_routes(out.expert_counts, out.dropped_fraction), len(out.expert_counts)))
+        losses.append(out.loss.detach())
 
     times = []
     steps = 2 if args.smoke else args.warmup + args.steps
@@ -100,11 +118,16 @@ def main(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
     timed = times[-args.steps:] if not args.smoke else times
     ms = statistics.median(timed) * 1000
+    kept = torch.stack([total / calls for total, calls in routes[-len(timed):]]).mean() / (args.batch * seq)
+    torch.distributed.all_reduce(kept)  # this rank's tokens' kept routes, averaged over the ranks
+    kept_per_token = kept.item() / world
+    loss = [round(v, 4) for v in torch.stack([losses[0], losses[-1]]).tolist()]
     if rank == 0:
         result = {"preset": preset, "world": world, "ep_size": args.ep_size, "seq": seq, "batch_per_rank": args.batch,
                   "zero": args.zero, "impl": args.impl, "compile": args.compile, "mlm_head": args.mlm_head,
                   "batches": [str(path) for path in args.batches] or "random, fixed per rank", "ms_per_step": ms,
-                  "tokens_per_s_per_gpu": args.batch * seq / (ms / 1000),
+                  "tokens_per_s_per_gpu": args.batch * seq / (ms / 1000), "kept_routes_per_token": kept_per_token,
+                  "loss_first_last": loss, "init": str(args.init) if args.init else None,
                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                   "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}

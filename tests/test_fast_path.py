@@ -511,12 +511,27 @@ def test_benchmark_starts_from_an_exported_model_with_init(tmp_path):
 
 
 def test_expert_parallel_benchmark_runs_on_two_cpu_ranks(tmp_path):
-    out = tmp_path / "ep2.json"
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-               "--master_port", str(29700 + os.getpid() % 1000), str(BENCH.parent / "bench_ep.py"), "--smoke", "--ep_size", "2", "--zero", "1:fp32", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    record = json.loads(out.read_text())
-    assert (record["world"], record["ep_size"], record["zero"]) == (2, 2, "1:fp32")
-    assert record["ms_per_step"] > 0 and record["tokens_per_s_per_gpu"] > 0
+    """bench_ep.py at ep_size 2 on 2 CPU ranks: from fresh weights (batched), and from an exported model
+    (grouped; its MLM output bias puts +40 on a rare label: the first loss is ~40 higher), each rank
+    loading its own half of the experts."""
+    bench = _bench_module()
+    config = bench.model_config("debug", bench.parse_args(["--smoke"]), "grouped", vocab_size=600)
+    model = WideNetForPreTraining(config)
+    with torch.no_grad():
+        model.predictions.bias[599] = 40.0
+    model.save_pretrained(tmp_path / "export")
+    records = {}
+    for name, extra in (("fresh", ["--impl", "batched"]), ("init", ["--impl", "grouped", "--init", str(tmp_path / "export")])):
+        out = tmp_path / f"{name}.json"
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                   "--master_port", str(29700 + os.getpid() % 1000), str(BENCH.parent / "bench_ep.py"), "--smoke",
+                   "--ep_size", "2", "--zero", "1:fp32", "--out", str(out), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        records[name] = record = json.loads(out.read_text())
+        assert (record["world"], record["ep_size"], record["zero"]) == (2, 2, "1:fp32")
+        assert record["ms_per_step"] > 0 and record["tokens_per_s_per_gpu"] > 0
+        assert 0 < record["kept_routes_per_token"] <= 2
+    assert records["init"]["loss_first_last"][0] > records["fresh"]["loss_first_last"][0] + 30
+    assert records["init"]["init"] == str(tmp_path / "export") and records["fresh"]["init"] is None
