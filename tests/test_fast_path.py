@@ -21,7 +21,7 @@ from widenet_ds import ConfigError, MoESettings, WideNetConfig, WideNetForPreTra
 from widenet_ds.modeling import (BatchedExperts, FeedForward, GatherMOELayer, compile_model, compile_settings,
                                  top_k_route, top_k_route_fast, uses_cuda_graphs)
 from widenet_ds.modeling import fast_moe
-from widenet_ds.modeling.fast_moe import (_Combine, _Dispatch, _ExpertLinear, _Permute, _RowBias, grouped_mm_is_fast,
+from widenet_ds.modeling.fast_moe import (_Combine, _Dispatch, _ExpertLinear, _RowBias, grouped_mm_is_fast,
                                           received_packing,
                                            route_maps)
 
@@ -333,13 +333,13 @@ def test_received_slots_are_packed_expert_after_expert_and_back():
     assert (source_P[3:16] == X).all() and (source_P[19:] == X).all()
     assert expert_P.tolist() == [0] * 16 + [1] * 16 + [2] * 16
     slots_XM = torch.randn(X, 3, dtype=torch.float64, requires_grad=True)
-    packed_PM = _Permute.apply(slots_XM, source_P, packed_X)
+    pack = lambda x: _Dispatch.apply(x, packed_X[None], source_P)  # noqa: E731 (one route per row)
+    unpack = lambda y: _Dispatch.apply(y, source_P[None], packed_X)  # noqa: E731
     filled = packed_X < P
-    torch.testing.assert_close(_Permute.apply(packed_PM, packed_X, source_P)[filled], slots_XM[filled])
-    assert (_Permute.apply(packed_PM, packed_X, source_P)[~filled] == 0).all()
-    torch.autograd.gradcheck(lambda x: _Permute.apply(x, source_P, packed_X), (slots_XM,))
-    torch.autograd.gradcheck(lambda y: _Permute.apply(y, packed_X, source_P),
-                             (torch.randn(P, 3, dtype=torch.float64, requires_grad=True),))
+    torch.testing.assert_close(unpack(pack(slots_XM))[filled], slots_XM[filled])
+    assert (unpack(pack(slots_XM))[~filled] == 0).all()
+    torch.autograd.gradcheck(pack, (slots_XM,))
+    torch.autograd.gradcheck(unpack, (torch.randn(P, 3, dtype=torch.float64, requires_grad=True),))
 
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"

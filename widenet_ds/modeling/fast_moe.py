@@ -161,22 +161,6 @@ class _Dispatch(torch.autograd.Function):
         return grad_KSM.sum(0), None, None
 
 
-class _Permute(torch.autograd.Function):
-    """Rows moved one to one: ``out[i] = x[index[i]]`` (``index[i] = len(x)``: a row of zeros); ``inverse[j]``
-    is row j's place in the output (``len(out)``: none). Backward is the inverse gather, no scatter-add:
-    rows of x that reach no output get zero gradient."""
-
-    @staticmethod
-    def forward(ctx, x_RM: Tensor, index_O: Tensor, inverse_R: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse_R)
-        return _rows(x_RM, index_O)
-
-    @staticmethod
-    def backward(ctx, grad_OM: Tensor):
-        (inverse_R,) = ctx.saved_tensors
-        return _rows(grad_OM, inverse_R), None, None
-
-
 class _Combine(torch.autograd.Function):
     """Expert slots (X, M) -> tokens (S, M): ``y_s = sum_k gate_ks * out[slot_ks]``, the products and
     the sum in fp32 (the gates' dtype) as DeepSpeed's ``_sparse_decode``. Backward: a kept slot's
@@ -358,5 +342,6 @@ class GatherMOELayer(MOELayer):
         dist.all_to_all_single(counts, kept_E, group=self.ep_group)
         counts_GL = counts.view(self.ep_size, self.num_local_experts)
         source_P, packed_X, end_L, expert_P, _ = received_packing(counts_GL, capacity)
-        out_PM = self.experts.forward_grouped(_Permute.apply(slots_XM, source_P, packed_X), end_L, expert_P)
-        return _Permute.apply(out_PM, packed_X, source_P)
+        # Packing and unpacking are one-to-one moves of rows: dispatches with one route per row (K = 1).
+        out_PM = self.experts.forward_grouped(_Dispatch.apply(slots_XM, packed_X[None], source_P), end_L, expert_P)
+        return _Dispatch.apply(out_PM, source_P[None], packed_X)
