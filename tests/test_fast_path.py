@@ -21,9 +21,8 @@ from widenet_ds import ConfigError, MoESettings, WideNetConfig, WideNetForPreTra
 from widenet_ds.modeling import (BatchedExperts, FeedForward, GatherMOELayer, compile_model, compile_settings,
                                  top_k_route, top_k_route_fast, uses_cuda_graphs)
 from widenet_ds.modeling import fast_moe
-from widenet_ds.modeling.fast_moe import (_Combine, _Dispatch, _ExpertLinear, _RowBias, grouped_mm_is_fast,
-                                          received_packing,
-                                           route_maps)
+from widenet_ds.modeling.fast_moe import (_Combine, _Dispatch, _ExpertLinear, _GroupedLinear, _RowBias,
+                                          grouped_mm_is_fast, received_packing, route_maps)
 
 
 def _route_args(tokens, experts, k, capacity, pad):
@@ -188,13 +187,17 @@ def test_grouped_runs_where_grouped_mm_is_fast_and_falls_back_to_batched_elsewhe
 
 def test_grouped_matmuls_in_bf16_match_the_batched_experts(monkeypatch):
     """bf16 runs ``torch._grouped_mm`` (fp32 takes the dense fallback above). The rows past the last
-    group are left undefined by it: here they are NaN, and neither the loss nor any gradient may see
-    them. Same weights, same routes (eval: no noise): the two paths differ by bf16 rounding only."""
+    group are left undefined by it (forward and input gradients): here they are NaN, and neither the
+    loss nor any gradient may see them. Same weights, same routes (eval: no noise): the two paths
+    differ by bf16 rounding only."""
     grouped_mm = torch._grouped_mm
-    tails = []
+    tails, weight_grads = [], []
 
     def poisoned(a, b, offs=None, **kwargs):
         out = grouped_mm(a, b, offs=offs, **kwargs)
+        if out.dim() == 3:  # a weight gradient (E, o, i)
+            weight_grads.append(out.shape)
+            return out
         tails.append(out.shape[0] - int(offs[-1]))
         out[int(offs[-1]):] = float("nan")
         return out
@@ -204,7 +207,9 @@ def test_grouped_matmuls_in_bf16_match_the_batched_experts(monkeypatch):
     batched.apply_moe_settings(MoESettings(impl="batched"))
     batch = _batch(grouped.config)
     (loss_g, grads_g), (loss_b, grads_b) = _bf16_run(grouped, batch), _bf16_run(batched, batch)
-    assert min(tails) > 0 and len(tails) == 2 * grouped.config.num_hidden_layers, "grouped_mm ran, with a tail"
+    layers = grouped.config.num_hidden_layers
+    assert min(tails) > 0 and len(tails) == 4 * layers, "grouped_mm ran forward and backward, with a tail"
+    assert len(weight_grads) == 2 * layers
     torch.testing.assert_close(loss_g, loss_b, atol=2e-2, rtol=1e-2)
     for name, grad in grads_b.items():
         assert torch.isfinite(grads_g[name]).all(), name
@@ -319,6 +324,32 @@ def test_dispatch_combine_and_expert_linear_gradients_are_exact():
     y_XO, b_EO = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((8, 3), (4, 3)))
     torch.autograd.gradcheck(lambda y, b: _RowBias.apply(y, b, expert_X), (y_XO, b_EO))
     torch.testing.assert_close(_RowBias.apply(y_XO, b_EO, expert_X)[-2:], y_XO[-2:])
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_grouped_linear_matches_per_expert_matmuls_forward_and_backward(backend):
+    """``_GroupedLinear`` (bf16, ``torch._grouped_mm`` in all three matmuls) against each group's rows times
+    its expert's weight in fp32: groups of 16, 0 (an expert with no routes) and 32 rows, then 16 rows
+    past the last group (their outputs and input gradients are undefined; their output gradient is zero,
+    as the masking before the bias makes it, and must not reach the weight gradient)."""
+    torch.manual_seed(0)
+    end_E = torch.tensor([16, 16, 48], dtype=torch.int32)
+    x_XI = torch.randn(64, 24).bfloat16().requires_grad_()
+    w_EOI = torch.randn(3, 40, 24).bfloat16().requires_grad_()
+    grad_XO = torch.randn(64, 40).bfloat16()
+    grad_XO[48:] = 0
+    x_XI.detach()[48:] = float("nan")  # rows past the last group are ignored
+    fn = _GroupedLinear.apply if backend is None else torch.compile(_GroupedLinear.apply, backend=backend, fullgraph=True)
+    out = fn(x_XI, w_EOI, end_E)
+    out.backward(grad_XO)
+    x, w, g = (t.detach().float().requires_grad_() for t in (x_XI, w_EOI, grad_XO))
+    ref = torch.cat([x[0:16] @ w[0].t(), x[16:48] @ w[2].t()])
+    ref.backward(g[:48])
+    torch.testing.assert_close(out[:48].float(), ref, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(x_XI.grad[:48].float(), x.grad[:48], atol=0.1, rtol=0.02)
+    assert (w_EOI.grad[1] == 0).all()
+    torch.testing.assert_close(w_EOI.grad.float(), w.grad, atol=0.2, rtol=0.02)
+    assert w_EOI.grad.is_contiguous() and w_EOI.grad.shape == w_EOI.shape
 
 
 def test_received_slots_are_packed_expert_after_expert_and_back():

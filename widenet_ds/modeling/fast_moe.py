@@ -97,10 +97,10 @@ class BatchedExperts(Experts):
         their values reaches a parameter gradient (masked before the first bias)."""
         experts, stacked = self.deepspeed_experts, self._stacked
         in_group_X1 = (expert_X < len(experts))[:, None]
-        h_XI = _grouped_matmul(x_XM, stacked("ffn", "weight").transpose(1, 2), end_E, expert_X)
+        h_XI = _grouped_matmul(x_XM, stacked("ffn", "weight"), end_E, expert_X)
         h_XI = torch.where(in_group_X1, _RowBias.apply(h_XI, stacked("ffn", "bias"), expert_X), 0.0)
         h_XI = experts[0].act(h_XI)
-        y_XM = _grouped_matmul(h_XI, stacked("ffn_output", "weight").transpose(1, 2), end_E, expert_X)
+        y_XM = _grouped_matmul(h_XI, stacked("ffn_output", "weight"), end_E, expert_X)
         return _RowBias.apply(y_XM, stacked("ffn_output", "bias"), expert_X)
 
 
@@ -130,14 +130,47 @@ def _one_hot(expert_X: Tensor, num_experts: int, dtype: torch.dtype) -> Tensor:
     return F.one_hot(expert_X, num_experts + 1)[:, :num_experts].to(dtype)
 
 
-def _grouped_matmul(x_XI: Tensor, w_EIO: Tensor, end_E: Tensor, expert_X: Tensor) -> Tensor:
-    """Row group e of ``x_XI`` times ``w_EIO[e]``. ``torch._grouped_mm`` takes bf16 (compiled, and on
-    CUDA); other dtypes (fp32 checks) compute every expert on every row and keep each row's own
-    (E times the work; rows past the last group come back 0)."""
+def _grouped_matmul(x_XI: Tensor, w_EOI: Tensor, end_E: Tensor, expert_X: Tensor) -> Tensor:
+    """Row group e of ``x_XI`` times ``w_EOI[e]`` transposed (weights in ``nn.Linear``'s (o, i) layout).
+    ``torch._grouped_mm`` takes bf16 (compiled, and on CUDA); other dtypes (fp32 checks) compute every
+    expert on every row and keep each row's own (E times the work; rows past the last group come back 0)."""
     if x_XI.dtype == torch.bfloat16:
-        return torch._grouped_mm(x_XI, w_EIO, offs=end_E)
-    onehot_XE = _one_hot(expert_X, w_EIO.shape[0], x_XI.dtype)
-    return torch.einsum("xe,exo->xo", onehot_XE, torch.matmul(x_XI, w_EIO))
+        return _GroupedLinear.apply(x_XI, w_EOI, end_E)
+    onehot_XE = _one_hot(expert_X, w_EOI.shape[0], x_XI.dtype)
+    return torch.einsum("xe,exo->xo", onehot_XE, torch.matmul(x_XI, w_EOI.transpose(1, 2)))
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """``torch._grouped_mm`` over packed rows with every operand it gets row-major, the one layout
+    the Triton grouped-GEMM template of Inductor's max-autotune takes (torch 2.11: a column-major
+    operand fails to compile). Forward: the weights as an (E, i, o) copy (the same E weight matrices
+    for every block: one copy per graph). Input gradient: the weights as stored, (E, o, i). Weight
+    gradient: ``grouped_weight_grad``, an op Inductor leaves to ATen (its operands are transposed),
+    coming back in the (o, i) layout of the weights."""
+
+    @staticmethod
+    def forward(ctx, x_XI: Tensor, w_EOI: Tensor, end_E: Tensor) -> Tensor:
+        ctx.save_for_backward(x_XI, w_EOI, end_E)
+        return torch._grouped_mm(x_XI, w_EOI.transpose(1, 2).contiguous(), offs=end_E)
+
+    @staticmethod
+    def backward(ctx, grad_XO: Tensor):
+        x_XI, w_EOI, end_E = ctx.saved_tensors
+        grad_x = torch._grouped_mm(grad_XO, w_EOI.contiguous(), offs=end_E) if ctx.needs_input_grad[0] else None
+        grad_w = grouped_weight_grad(grad_XO, x_XI, end_E) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
+@torch.library.custom_op("widenet_ds::grouped_weight_grad", mutates_args=())
+def grouped_weight_grad(grad_XO: Tensor, x_XI: Tensor, end_E: Tensor) -> Tensor:
+    """(E, o, i): for each row group e, ``grad_XO[group]^T @ x_XI[group]`` (rows past the last group
+    ignored). A custom op, so that Inductor calls ATen's kernel instead of its own template."""
+    return torch._grouped_mm(grad_XO.t(), x_XI, offs=end_E)
+
+
+@grouped_weight_grad.register_fake
+def _(grad_XO: Tensor, x_XI: Tensor, end_E: Tensor) -> Tensor:
+    return grad_XO.new_empty(end_E.shape[0], grad_XO.shape[1], x_XI.shape[1])
 
 
 def _rows(t_RM: Tensor, index: Tensor) -> Tensor:
