@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> None:
         engine.backward(out.loss)
         engine.step()
         routes.append((kept_routes(out.expert_counts, out.dropped_fraction), len(out.expert_counts)))
-        losses.append(out.loss.detach())
+        losses.append(out.loss.detach().clone())  # a CUDA graph overwrites its outputs at the next replay
 
     times = []
     steps = 2 if args.smoke else args.warmup + args.steps
