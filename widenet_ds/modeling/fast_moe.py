@@ -36,6 +36,9 @@ from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
 from deepspeed.utils import groups
 from torch import Tensor, nn
 
+from . import fused_act
+from .fused_act import bias_act, fused_bias_act_runs
+
 
 class _ExpertLinear(torch.autograd.Function):
     """``x_LNi @ w_Loi^T + b_Lo`` for every local expert at once; the weight gradient comes back
@@ -96,10 +99,14 @@ class BatchedExperts(Experts):
         come back undefined (``_grouped_mm`` leaves them); their gradients must be zero, and none of
         their values reaches a parameter gradient (masked before the first bias)."""
         experts, stacked = self.deepspeed_experts, self._stacked
-        in_group_X1 = (expert_X < len(experts))[:, None]
         h_XI = _grouped_matmul(x_XM, stacked("ffn", "weight"), end_E, expert_X)
-        h_XI = torch.where(in_group_X1, _RowBias.apply(h_XI, stacked("ffn", "bias"), expert_X), 0.0)
-        h_XI = experts[0].act(h_XI)
+        act = getattr(experts[0], "act_name", None)  # FeedForward's config name of its activation
+        if fused_bias_act_runs(h_XI, act):
+            h_XI = bias_act(h_XI, stacked("ffn", "bias"), expert_X, act)
+        else:
+            in_group_X1 = (expert_X < len(experts))[:, None]
+            h_XI = torch.where(in_group_X1, _RowBias.apply(h_XI, stacked("ffn", "bias"), expert_X), 0.0)
+            h_XI = experts[0].act(h_XI)
         y_XM = _grouped_matmul(h_XI, stacked("ffn_output", "weight"), end_E, expert_X)
         return _RowBias.apply(y_XM, stacked("ffn_output", "bias"), expert_X)
 
@@ -228,6 +235,7 @@ def route_maps(indices_KS: Tensor, locations_KS: Tensor, gates_KS: Tensor, num_e
 
 
 GROUP_ALIGN = 16  # rows; the grouped matmul's weight-gradient (ragged K) wants aligned group starts
+assert GROUP_ALIGN % fused_act.BLOCK_M == 0, "a tile of the fused bias + activation is one expert's rows"
 
 
 def packed_slots(indices_KS: Tensor, locations_KS: Tensor, kept_E: Tensor,

@@ -78,6 +78,7 @@ class FeedForward(nn.Module):
         self.ffn = nn.Linear(config.hidden_size, config.intermediate_size)
         self.ffn_output = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = ACTIVATION_FNS[config.hidden_act]
+        self.act_name = config.hidden_act
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ffn_output(self.act(self.ffn(x)))

@@ -1,0 +1,112 @@
+"""The fused bias + activation kernels of the grouped experts (widenet_ds/modeling/fused_act.py).
+
+On the CPU they run in Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``)
+before Triton sees a kernel: the checks run in a child process. Without it, on the CPU, the
+grouped experts take the unfused ops that test_fast_path.py checks.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from widenet_ds.modeling import fused_act
+from widenet_ds.modeling.fused_act import fused_bias_act_runs
+
+HERE = Path(__file__).resolve().parent
+REFERENCE_ACTS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+
+
+def _in_interpreter(check: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_fused_act; test_fused_act.{check}()"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert f"{check} passed" in run.stdout
+
+
+def _reference(h_XI, b_EI, expert_X, act):
+    """The unfused ops in fp32: the bias of each row's expert, 0 past the last group, the activation."""
+    E, I = b_EI.shape
+    bias_XI = torch.cat([b_EI, b_EI.new_zeros(1, I)])[expert_X]
+    return REFERENCE_ACTS[act](torch.where((expert_X < E)[:, None], h_XI + bias_XI, 0.0))
+
+
+def _check_kernels():
+    """Groups starting at multiples of the tile's 16 rows, as packed: 144 rows of expert 0, none of
+    expert 1, 160 of expert 2, then 88 past the last group (expert E = 3; 392 rows: the last tile is
+    cut); columns not a multiple of the block (300); strips of 256 rows that start inside a group
+    and cross expert boundaries; eager and compiled (aot_eager) alike."""
+    torch.manual_seed(0)
+    E, I = 3, 300
+    expert_X = torch.tensor([0] * 144 + [2] * 160 + [3] * 88)
+    compiled = torch.compile(fused_act.bias_act, backend="aot_eager", fullgraph=True)
+    for act in REFERENCE_ACTS:
+        for fn in fused_act.bias_act, compiled:
+            h = (torch.randn(len(expert_X), I) * 2).bfloat16().requires_grad_()
+            b = torch.randn(E, I).bfloat16().requires_grad_()
+            grad = torch.randn(len(expert_X), I).bfloat16()
+            out = fn(h, b, expert_X, act)
+            out.backward(grad)
+            hf, bf = (t.detach().float().requires_grad_() for t in (h, b))
+            ref = _reference(hf, bf, expert_X, act)
+            ref.backward(grad.float())
+            assert out.dtype == h.grad.dtype == b.grad.dtype == torch.bfloat16, act
+            torch.testing.assert_close(out.float(), ref, atol=0.02, rtol=0.01)
+            torch.testing.assert_close(h.grad.float(), hf.grad, atol=0.02, rtol=0.01)
+            torch.testing.assert_close(b.grad.float(), bf.grad, atol=0.05, rtol=0.01)
+            assert (out[304:] == 0).all() and (h.grad[304:] == 0).all() and (b.grad[1] == 0).all(), act
+    print("_check_kernels passed")
+
+
+def _check_model():
+    """A grouped WideNet in bf16 with the fused kernel against the batched experts (unfused): loss and
+    every gradient, bf16 rounding apart; the kernel ran once per block, each way."""
+    from test_fast_path import _bf16_run, _batch, _models
+
+    from widenet_ds import MoESettings
+    from widenet_ds.modeling import fast_moe
+
+    calls = []
+    fused = fast_moe.bias_act
+
+    def counting(h, b, expert, act):
+        calls.append(act)
+        assert fast_moe.fused_bias_act_runs(h, act)
+        return fused(h, b, expert, act)
+
+    fast_moe.bias_act = counting
+    grouped, batched = _models(impl="grouped")
+    batched.apply_moe_settings(MoESettings(impl="batched"))
+    batch = _batch(grouped.config)
+    (loss_g, grads_g), (loss_b, grads_b) = _bf16_run(grouped, batch), _bf16_run(batched, batch)
+    assert calls == [grouped.config.hidden_act] * grouped.config.num_hidden_layers
+    torch.testing.assert_close(loss_g, loss_b, atol=2e-2, rtol=1e-2)
+    for name, grad in grads_b.items():
+        assert torch.isfinite(grads_g[name]).all(), name
+        assert (grads_g[name] - grad).norm() <= 0.05 * grad.norm() + 1e-3, name
+    print("_check_model passed")
+
+
+def test_fused_bias_act_matches_the_unfused_ops_forward_and_backward():
+    _in_interpreter("_check_kernels")
+
+
+def test_grouped_model_with_the_fused_kernel_matches_the_batched_experts():
+    _in_interpreter("_check_model")
+
+
+def test_fused_kernel_runs_where_triton_runs(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.zeros(16, 8)
+    assert fused_act.triton is not None, "Triton is a requirement (requirements.txt)"
+    assert not fused_bias_act_runs(x, "gelu_new"), "the CPU without the interpreter: the unfused ops"
+    assert fused_bias_act_runs(torch.zeros(16, 8, device="meta"), "gelu_new") is False
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fused_bias_act_runs(x, "gelu_new") and fused_bias_act_runs(x, "relu")
+    assert not fused_bias_act_runs(x, "silu"), "an activation the kernel does not know: the unfused ops"
+    monkeypatch.setenv("WIDENET_DS_FUSED_ACT", "0")
+    assert not fused_bias_act_runs(x, "gelu_new"), "switched off"
