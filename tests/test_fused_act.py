@@ -5,6 +5,7 @@ before Triton sees a kernel: the checks run in a child process. Without it, on t
 grouped experts take the unfused ops that test_fast_path.py checks.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -110,3 +111,21 @@ def test_fused_kernel_runs_where_triton_runs(monkeypatch):
     assert not fused_bias_act_runs(x, "silu"), "an activation the kernel does not know: the unfused ops"
     monkeypatch.setenv("WIDENET_DS_FUSED_ACT", "0")
     assert not fused_bias_act_runs(x, "gelu_new"), "switched off"
+
+
+def test_expert_benchmark_runs_on_cpu_in_smoke_mode(tmp_path):
+    """benchmarks/bench_experts.py (the fused kernels' measurement), interpreted: both variants ran on
+    the same inputs and agree; the kernel check is within bf16 rounding."""
+    out = tmp_path / "experts.json"
+    run = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "bench_experts.py"), "--smoke", "--out", str(out)],
+                         env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    unfused, fused = result["variants"]
+    assert (unfused["variant"], fused["variant"]) == ("unfused", "fused") and min(fused["ms"]) > 0
+    assert (unfused["fused_kernel"], fused["fused_kernel"]) == (False, True)
+    assert result["rows"] % 16 == 0 and sum(result["kept_routes"]) < result["rows"]
+    for name, value in unfused["checksums"].items():
+        assert abs(fused["checksums"][name] - value) <= 0.02 * abs(value), name
+    for act, (out_error, input_grad_error, bias_grad_error) in result["kernel_check"].items():
+        assert out_error < 0.05 and input_grad_error < 0.05 and bias_grad_error < 0.01, act
