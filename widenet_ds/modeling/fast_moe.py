@@ -20,6 +20,8 @@ What is faster, and why (measured on an H200, bf16, 12 shared blocks, seq 512, b
   tokens are packed directly; with expert parallelism the all-to-all keeps DeepSpeed's fixed
   slot layout, and each rank packs the filled slots it received (the ranks exchange their kept
   counts per expert: one small all-to-all) and unpacks the results before the all-to-all back.
+  Every grouped matmul gets row-major operands (``_GroupedLinear``); on a GPU the first bias and
+  the activation are one Triton kernel each way (fused_act.py).
 
 Shape suffixes: S tokens, M model width, E experts (global), L local experts, G expert-parallel
 ranks, C capacity, K routes per token, X = E*C expert slots (or the packed rows), N = G*C tokens per
