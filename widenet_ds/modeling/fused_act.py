@@ -70,7 +70,7 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < I
         mask = (rows < X)[:, None] & cmask[None, :]
-        offs = rows[:, None] * I + cols[None, :]
+        offs = rows.to(tl.int64)[:, None] * I + cols[None, :]  # X * I may pass 2^31
         e = tl.load(expert_ptr + m)
         h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + e * I + cols, mask=cmask & (cols * 0 + e < E), other=0.0).to(tl.float32)
@@ -96,7 +96,7 @@ if triton is not None:
                 current = e
             rows = m + tl.arange(0, BLOCK_M)
             mask = (rows < X)[:, None] & cmask[None, :]
-            offs = rows[:, None] * I + cols[None, :]
+            offs = rows.to(tl.int64)[:, None] * I + cols[None, :]  # X * I may pass 2^31
             h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + e * I + cols, mask=cmask & (cols * 0 + e < E), other=0.0).to(tl.float32)
@@ -110,6 +110,7 @@ if triton is not None:
     def bias_act(h_XI: Tensor, b_EI: Tensor, expert_X: Tensor, act: str) -> Tensor:
         """``act(h_XI + b_EI[expert_X])`` for rows of an expert, 0 for rows of expert E. ``expert_X`` is
         ascending and each expert's rows start at a multiple of ``BLOCK_M`` (fast_moe's packing)."""
+        h_XI, b_EI, expert_X = h_XI.contiguous(), b_EI.contiguous(), expert_X.contiguous()
         X, I = h_XI.shape
         out = torch.empty_like(h_XI)
         grid = (triton.cdiv(X, BLOCK_M), triton.cdiv(I, BLOCK_N))
@@ -121,6 +122,7 @@ if triton is not None:
     def bias_act_backward(grad_XI: Tensor, h_XI: Tensor, b_EI: Tensor, expert_X: Tensor,
                           act: str) -> tuple[Tensor, Tensor]:
         """The gradients of ``bias_act`` for ``h_XI`` and ``b_EI`` (the latter summed in fp32)."""
+        h_XI, b_EI, expert_X = h_XI.contiguous(), b_EI.contiguous(), expert_X.contiguous()
         X, I = h_XI.shape
         grad_h = torch.empty_like(h_XI)
         grad_b = torch.zeros(b_EI.shape, dtype=torch.float32, device=b_EI.device)
