@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from widenet_ds import WideNetConfig, WideNetForPreTraining
 from widenet_ds.distributed import close_distributed, free_port, init_distributed
 from widenet_ds.expert_sharding import local_expert_range, to_local_experts
-from widenet_ds.modeling import GatherMOELayer, compile_model
+from widenet_ds.modeling import GatherMOELayer, compile_model, fast_moe
 from widenet_ds.modeling import gate as gate_module
 
 WORLD = 2
@@ -103,6 +103,29 @@ def _counting_grouped_calls():
 
 def test_ep2_forward_backward_matches_ep1_on_the_same_weights_and_inputs():
     mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
+
+
+def _fused_kernel_worker(rank, port):
+    """As ``_worker``, with the grouped experts' fused bias + activation kernel (Triton's interpreter:
+    the parent sets TRITON_INTERPRET=1 before the spawn) over the slots each rank received."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed()
+    calls, fused = [], fast_moe.bias_act
+    fast_moe.bias_act = lambda *args: calls.append(1) or fused(*args)
+    try:
+        _check_parity(rank)
+        _check_fast_path_matches_reference_path(rank)
+        assert len(calls) == 2 * WideNetConfig.from_preset("debug").num_hidden_layers, "the fused kernel ran"
+    finally:
+        fast_moe.bias_act = fused
+        close_distributed()
+
+
+def test_ep2_grouped_experts_with_the_fused_kernel_match_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mp.spawn(_fused_kernel_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
 def _check_fast_path_matches_reference_path(rank):
