@@ -33,11 +33,15 @@ def _forward_backward(model, batch, seed):
     return out
 
 
-def _worker(rank, port):
+def _join(rank, port):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     init_distributed()
+
+
+def _worker(rank, port):
+    _join(rank, port)
     try:
         _check_parity(rank)
         _check_fast_path_matches_reference_path(rank)
@@ -108,10 +112,7 @@ def test_ep2_forward_backward_matches_ep1_on_the_same_weights_and_inputs():
 def _fused_kernel_worker(rank, port):
     """As ``_worker``, with the grouped experts' fused bias + activation kernel (Triton's interpreter:
     the parent sets TRITON_INTERPRET=1 before the spawn) over the slots each rank received."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    init_distributed()
+    _join(rank, port)
     calls, fused = [], fast_moe.bias_act
     fast_moe.bias_act = lambda *args: calls.append(1) or fused(*args)
     try:
