@@ -109,6 +109,10 @@ def test_fused_kernel_runs_where_triton_runs(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert fused_bias_act_runs(x, "gelu_new") and fused_bias_act_runs(x, "relu")
     assert not fused_bias_act_runs(x, "silu"), "an activation the kernel does not know: the unfused ops"
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not fused_bias_act_runs(x, "gelu_new"), "deterministic algorithms: the bias gradient's atomics are not"
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("WIDENET_DS_FUSED_ACT", "0")
     assert not fused_bias_act_runs(x, "gelu_new"), "switched off"
 

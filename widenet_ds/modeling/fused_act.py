@@ -35,8 +35,11 @@ BLOCK_M, BLOCK_N, STRIP_M = 16, 256, 256  # rows x columns per tile; rows per ba
 
 def fused_bias_act_runs(x: Tensor, act: str) -> bool:
     """Whether ``bias_act`` runs for these rows: Triton installed, a CUDA tensor (or the Triton
-    interpreter on the CPU), an activation it knows, and not switched off (``WIDENET_DS_FUSED_ACT=0``)."""
+    interpreter on the CPU), an activation it knows, not switched off (``WIDENET_DS_FUSED_ACT=0``) and
+    no deterministic algorithms asked for (``torch.use_deterministic_algorithms``)."""
     if triton is None or act not in ACTS or os.environ.get("WIDENET_DS_FUSED_ACT") == "0":
+        return False
+    if torch.are_deterministic_algorithms_enabled():  # the bias gradient's atomics are not
         return False
     return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
