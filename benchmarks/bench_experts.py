@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -30,9 +29,8 @@ from deepspeed.moe.experts import Experts  # noqa: E402
 
 from widenet_ds import WideNetConfig  # noqa: E402
 from widenet_ds.modeling import BatchedExperts, FeedForward, fused_act  # noqa: E402
-from widenet_ds.modeling.fast_moe import GROUP_ALIGN  # noqa: E402
-
-REFERENCE_ACTS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+from widenet_ds.modeling.fast_moe import bias_act_ops, packed_slots  # noqa: E402
+from widenet_ds.modeling.layers import ACTIVATION_FNS  # noqa: E402
 TILES = [(256, 256), (128, 256), (512, 256), (256, 128), (256, 512)]  # (BLOCK_N, STRIP_M)
 
 
@@ -52,15 +50,14 @@ def parse_args(argv=None):
 
 def packed_rows(tokens: int, routes_per_token: float, num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor,
                                                                                           list[int], int]:
-    """``end_E`` (int32), ``expert_X`` and the kept routes per expert, for rows packed as
-    ``fast_moe.packed_slots`` packs them (top-2, C = 1.2): groups padded to GROUP_ALIGN rows."""
+    """``end_E``, ``expert_X``, the kept routes per expert and the row count of the layer's packing
+    (``fast_moe.packed_slots``, top-2, C = 1.2) when each expert keeps ~1/E of the routes."""
     share = tokens * routes_per_token / num_experts
     kept = [round(share * (1 + 0.01 * (2, -3, 1, 0)[e % 4])) for e in range(num_experts)]  # a little uneven
-    capacity = int(1.2 * 2 * tokens / num_experts + 1)
-    X = -(-(min(num_experts * capacity, 2 * tokens) + (GROUP_ALIGN - 1) * num_experts) // GROUP_ALIGN) * GROUP_ALIGN
-    end_E = torch.tensor([-(-k // GROUP_ALIGN) * GROUP_ALIGN for k in kept], device=device).cumsum(0)
-    expert_X = torch.searchsorted(end_E, torch.arange(X, device=device), right=True)
-    return end_E.to(torch.int32), expert_X, kept, X
+    no_routes_KS = torch.full((2, tokens), -1, device=device)  # only the group layout is wanted
+    _, end_E, expert_X, X = packed_slots(no_routes_KS, no_routes_KS, torch.tensor(kept, device=device),
+                                         int(1.2 * 2 * tokens / num_experts + 1))
+    return end_E, expert_X, kept, X
 
 
 def main(args) -> dict:
@@ -89,6 +86,10 @@ def main(args) -> dict:
     def step(fn):
         fn(x_XM).backward(grad_XM)
 
+    def clear_grads():
+        for t in (x_XM, *experts.parameters()):
+            t.grad = None
+
     for variant in ("unfused", "fused"):
         os.environ["WIDENET_DS_FUSED_ACT"] = "0" if variant == "unfused" else "1"
         torch._dynamo.reset()
@@ -109,9 +110,7 @@ def main(args) -> dict:
         record["tflop_per_s"] = round(flops / min(record["ms"]) / 1e9, 1)
         if cuda:
             record["kernels_us"] = kernel_table(lambda: step(fn), sync)
-        for p in experts.parameters():
-            p.grad = None
-        x_XM.grad = None
+        clear_grads()
         out = fn(x_XM)
         out.backward(grad_XM)
         first = experts.deepspeed_experts[0]
@@ -119,9 +118,7 @@ def main(args) -> dict:
         record["checksums"] = {"out_sq_mean": out[:rows].float().square().mean().item(),
                                **{name: p.grad.float().norm().item() for name, p in first.named_parameters()},
                                "x_grad": x_XM.grad[:rows].float().norm().item()}
-        for p in experts.parameters():
-            p.grad = None
-        x_XM.grad = None
+        clear_grads()
         result["variants"].append(record)
         print(json.dumps({k: v for k, v in record.items() if k != "kernels_us"}), flush=True)
     os.environ.pop("WIDENET_DS_FUSED_ACT")
@@ -153,13 +150,12 @@ def kernel_check(X, I, E, expert_X, device, g) -> dict:
     b = torch.randn(E, I, device=device, generator=g).bfloat16().requires_grad_()
     grad = torch.randn(X, I, device=device, generator=g).bfloat16()
     errors = {}
-    for act, reference in REFERENCE_ACTS.items():
+    for act in fused_act.ACTS:
         h.grad = b.grad = None
         out = fused_act.bias_act(h, b, expert_X, act)
         out.backward(grad)
         hf, bf = (t.detach().float().requires_grad_() for t in (h, b))
-        bias = torch.cat([bf, bf.new_zeros(1, I)])[expert_X]
-        ref = reference(torch.where((expert_X < E)[:, None], hf + bias, 0.0))
+        ref = bias_act_ops(hf, bf, expert_X, ACTIVATION_FNS[act])
         ref.backward(grad.float())
         errors[act] = [(out.float() - ref).abs().max().item(), (h.grad.float() - hf.grad).abs().max().item(),
                        ((b.grad.float() - bf.grad).abs().max() / bf.grad.abs().max()).item()]

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from widenet_ds.modeling import fused_act
+from widenet_ds.modeling.fast_moe import bias_act_ops
 from widenet_ds.modeling.fused_act import fused_bias_act_runs
+from widenet_ds.modeling.layers import ACTIVATION_FNS
 
 HERE = Path(__file__).resolve().parent
-REFERENCE_ACTS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
 
 
 def _in_interpreter(check: str) -> None:
@@ -27,13 +27,6 @@ def _in_interpreter(check: str) -> None:
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert f"{check} passed" in run.stdout
-
-
-def _reference(h_XI, b_EI, expert_X, act):
-    """The unfused ops in fp32: the bias of each row's expert, 0 past the last group, the activation."""
-    E, I = b_EI.shape
-    bias_XI = torch.cat([b_EI, b_EI.new_zeros(1, I)])[expert_X]
-    return REFERENCE_ACTS[act](torch.where((expert_X < E)[:, None], h_XI + bias_XI, 0.0))
 
 
 def _check_kernels():
@@ -45,7 +38,7 @@ def _check_kernels():
     E, I = 3, 300
     expert_X = torch.tensor([0] * 144 + [2] * 160 + [3] * 88)
     compiled = torch.compile(fused_act.bias_act, backend="aot_eager", fullgraph=True)
-    for act in REFERENCE_ACTS:
+    for act in fused_act.ACTS:
         for fn in fused_act.bias_act, compiled:
             h = (torch.randn(len(expert_X), I) * 2).bfloat16().requires_grad_()
             b = torch.randn(E, I).bfloat16().requires_grad_()
@@ -53,7 +46,7 @@ def _check_kernels():
             out = fn(h, b, expert_X, act)
             out.backward(grad)
             hf, bf = (t.detach().float().requires_grad_() for t in (h, b))
-            ref = _reference(hf, bf, expert_X, act)
+            ref = bias_act_ops(hf, bf, expert_X, ACTIVATION_FNS[act])  # the unfused ops, in fp32
             ref.backward(grad.float())
             assert out.dtype == h.grad.dtype == b.grad.dtype == torch.bfloat16, act
             torch.testing.assert_close(out.float(), ref, atol=0.02, rtol=0.01)

@@ -38,8 +38,7 @@ from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
 from deepspeed.utils import groups
 from torch import Tensor, nn
 
-from . import fused_act
-from .fused_act import bias_act, fused_bias_act_runs
+from .fused_act import BLOCK_M, bias_act, fused_bias_act_runs
 
 
 class _ExpertLinear(torch.autograd.Function):
@@ -106,9 +105,7 @@ class BatchedExperts(Experts):
         if fused_bias_act_runs(h_XI, act):
             h_XI = bias_act(h_XI, stacked("ffn", "bias"), expert_X, act)
         else:
-            in_group_X1 = (expert_X < len(experts))[:, None]
-            h_XI = torch.where(in_group_X1, _RowBias.apply(h_XI, stacked("ffn", "bias"), expert_X), 0.0)
-            h_XI = experts[0].act(h_XI)
+            h_XI = bias_act_ops(h_XI, stacked("ffn", "bias"), expert_X, experts[0].act)
         y_XM = _grouped_matmul(h_XI, stacked("ffn_output", "weight"), end_E, expert_X)
         return _RowBias.apply(y_XM, stacked("ffn_output", "bias"), expert_X)
 
@@ -132,6 +129,13 @@ class _RowBias(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_b = _one_hot(expert_X, ctx.num_experts, grad_XO.dtype).t() @ grad_XO
         return grad_XO, grad_b, None
+
+
+def bias_act_ops(h_XI: Tensor, b_EI: Tensor, expert_X: Tensor, act) -> Tensor:
+    """``act(h_XI + b_EI[expert_X])``, 0 for rows past the last group, as plain ops: what
+    ``fused_act.bias_act`` computes in one kernel (and its tests' reference)."""
+    in_group_X1 = (expert_X < b_EI.shape[0])[:, None]
+    return act(torch.where(in_group_X1, _RowBias.apply(h_XI, b_EI, expert_X), 0.0))
 
 
 def _one_hot(expert_X: Tensor, num_experts: int, dtype: torch.dtype) -> Tensor:
@@ -237,7 +241,7 @@ def route_maps(indices_KS: Tensor, locations_KS: Tensor, gates_KS: Tensor, num_e
 
 
 GROUP_ALIGN = 16  # rows; the grouped matmul's weight-gradient (ragged K) wants aligned group starts
-assert GROUP_ALIGN % fused_act.BLOCK_M == 0, "a tile of the fused bias + activation is one expert's rows"
+assert GROUP_ALIGN % BLOCK_M == 0, "a tile of the fused bias + activation is one expert's rows"
 
 
 def packed_slots(indices_KS: Tensor, locations_KS: Tensor, kept_E: Tensor,
