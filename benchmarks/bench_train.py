@@ -487,6 +487,10 @@ def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
         if variant != "none":
             model.compile(**compile_settings(variant)[1])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        # Gradients live in buffers of their own, zeroed in place: with CUDA graphs a gradient left None is
+        # adopted from the backward graph's output, which the next micro-batch's replay overwrites.
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
         feed = batch_feed(args.text, args.batch, config.vocab_size, seq, device, mlm_positions=False,
                           mask=not args.no_attention_mask)
 
@@ -502,7 +506,7 @@ def bench_hf_albert(measure: Measure, seq: int, variant: str) -> Row:
                 mark("backward")
             losses.append(torch.stack(step_losses).mean())
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)
             mark("optimizer")
 
         return step, lambda kept: forward_flops(config, args.batch, seq, kept), [], losses
