@@ -1,11 +1,17 @@
 """The router on golden inputs: capacity, priority, dropping, noise, load-balance loss,
 and parity with DeepSpeed's own top-2 gate."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from deepspeed.moe.sharded_moe import top2gating, topkgating
 
 from widenet_ds.modeling import WideNetGate, expert_capacity, load_balance_loss, top_k_route
+from widenet_ds.modeling.gate import router_logits, top_k_choices
 
 
 def _logits(choices, num_experts, scale=5.0):
@@ -139,3 +145,52 @@ def test_every_noise_policy_is_off_in_eval_and_only_none_is_deterministic_in_tra
         gate.train()
         differs = any(not torch.equal(gate(x)[5], clean[5]) for _ in range(3))
         assert differs == (policy != "none"), policy
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_choices_are_topk_best_first(k):
+    scores = torch.randn(300, 5, generator=torch.Generator().manual_seed(k))
+    assert torch.equal(top_k_choices(scores, k), torch.topk(scores, k, dim=-1).indices)
+    # ties go to the lower expert, every chosen expert once
+    tied = torch.tensor([[0.5, 0.5, 0.5, 0.1], [0.2, 0.9, 0.2, 0.9]])
+    assert top_k_choices(tied, 3).tolist() == [[0, 1, 2], [1, 3, 0]]
+
+
+def test_compiled_router_logits_are_the_fp32_linear_with_its_gradients():
+    """Compiled, the logits are a multiply-sum (no linear in the traced graph); same values and
+    gradients as the eager fp32 linear up to summation order (bf16 input gradient: one rounding)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 48, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(4, 48, generator=g) * 0.1).bfloat16().requires_grad_()
+    gy = torch.randn(64, 4, generator=g)
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    ref = router_logits(x, w)
+    assert ref.dtype == torch.float32
+    (ref_gx, ref_gw) = torch.autograd.grad(ref, (x, w), gy)
+    out = torch.compile(router_logits, backend=backend, fullgraph=True)(x, w)
+    assert traced and not any("linear" in t or "matmul" in t for t in traced), traced
+    gx, gw = torch.autograd.grad(out, (x, w), gy)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx.float(), ref_gx.float(), rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(gw.float(), ref_gw.float(), rtol=8e-3, atol=1e-6)
+    assert (x.float() @ w.float().t() - ref).abs().max() < 1e-5
+
+
+def test_router_benchmark_runs_on_cpu_in_smoke_mode(tmp_path):
+    """benchmarks/bench_router.py (the router's measurement): every formulation ran on the same inputs and
+    picks the same experts, with the gradients of the fp32 linear up to bf16 rounding."""
+    out = tmp_path / "router.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_router.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert [v["name"] for v in variants][:2] == ["linear+topk (before)", "multiply-sum+argmax (gate)"]
+    for v in variants:
+        assert v["choices_equal"] and v["wall_ms"] > 0, v
+        assert v["x_grad_max_rel_diff"] < 1e-2 and v["w_grad_max_rel_diff"] < 1e-2, v
