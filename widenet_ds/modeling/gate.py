@@ -46,7 +46,7 @@ def load_balance_loss(probs_SE: Tensor, routed_SE: Tensor, k: int) -> Tensor:
 def top_k_choices(scores_SE: Tensor, k: int) -> Tensor:
     """The k highest-scoring experts of each token, best first, as an (S, k) int64 tensor.
 
-    ``torch.topk``'s values, by k rounds of argmax (ties: the lower expert first): one fused
+    ``torch.topk``'s indices, by k rounds of argmax (ties: the lower expert first): one fused
     kernel under torch.compile, where ``topk`` is a selection kernel plus a sort (~80 us per
     layer for 64 x 512 tokens on an H200, for 4 experts).
     """
@@ -92,7 +92,7 @@ def top_k_route(logits_SE: Tensor, k: int, capacity: int | None, token_mask_S: T
     """
     probs_SE = F.softmax(logits_SE, dim=-1)
     num_tokens, num_experts = probs_SE.shape
-    choice_SK = top_k_choices(probs_SE if select_SE is None else select_SE, k)
+    choice_SK = torch.topk(probs_SE if select_SE is None else select_SE, k, dim=-1).indices
     gates_SK = probs_SE.gather(1, choice_SK)
     used_S = torch.ones(num_tokens, dtype=torch.bool, device=logits_SE.device)
     if token_mask_S is not None:
@@ -130,6 +130,8 @@ def top_k_route_fast(logits_SE: Tensor, k: int, capacity: int | None, token_mask
     - the capacity comes back as a Python int when it is known on the host (``capacity``
       given, no expert-parallel group), so ``int(C)`` in ``MOELayer`` does not wait for the GPU;
     - padding is handled by masking, not boolean indexing or ``.any()`` (both synchronise);
+    - the choices come from ``top_k_choices`` (fused when compiled; ties go to the lower expert,
+      where ``torch.topk`` leaves them unspecified);
     - route positions come from one flat int32 scan over a bool (E, K*S) matrix (not an int64
       scan down the routes of a (K*S, E) one-hot), and an expert keeps ``min(routes, capacity)``
       routes, so the kept counts need no second pass.
