@@ -99,14 +99,7 @@ def main(args) -> dict:
             step(fn)
         sync()
         record = {"variant": variant, "fused_kernel": fused_act.fused_bias_act_runs(x_XM, act),
-                  "compile_s": round(time.perf_counter() - start, 1), "ms": []}
-        for _ in range(3):
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.repeats):
-                step(fn)
-            sync()
-            record["ms"].append(round((time.perf_counter() - start) * 1000 / args.repeats, 4))
+                  "compile_s": round(time.perf_counter() - start, 1), "ms": time_calls(lambda: step(fn), sync, args.repeats)}
         record["tflop_per_s"] = round(flops / min(record["ms"]) / 1e9, 1)
         if cuda:
             record["kernels_us"] = kernel_table(lambda: step(fn), sync)
@@ -130,8 +123,21 @@ def main(args) -> dict:
     return result
 
 
-def kernel_table(run, sync, calls: int = 5) -> list[tuple[float, str]]:
-    """GPU time (us per call) of the largest kernels."""
+def time_calls(run, sync, repeats: int, measurements: int = 3) -> list[float]:
+    """Wall time in ms per call of ``run``, averaged over ``repeats`` calls, ``measurements`` times."""
+    times = []
+    for _ in range(measurements):
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        sync()
+        times.append(round((time.perf_counter() - start) * 1000 / repeats, 4))
+    return times
+
+
+def kernel_table(run, sync, calls: int = 5, top: int | None = 14) -> list[tuple[float, str]]:
+    """GPU time (us per call) of the largest kernels (all with ``top=None``)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             run()
@@ -140,7 +146,7 @@ def kernel_table(run, sync, calls: int = 5) -> list[tuple[float, str]]:
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             times[event.name[:110]] = times.get(event.name[:110], 0.0) + event.device_time / calls
-    return sorted(((round(t, 1), name) for name, t in times.items()), reverse=True)[:14]
+    return sorted(((round(t, 1), name) for name, t in times.items()), reverse=True)[:top]
 
 
 def kernel_check(X, I, E, expert_X, device, g) -> dict:

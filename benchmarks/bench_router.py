@@ -7,8 +7,8 @@ does now (``gate.router_logits`` + ``gate.top_k_choices``), and candidate formul
 
 Each variant: softmax of the logits, top-2 choices, their gates, a loss of the gates and of the mean
 probabilities, backward to the activations and the router weight. Writes per variant the wall time of
-a compiled call (launches included: no CUDA graphs), the GPU time of its kernels (profiler), its kernel
-table, and whether the choices and gradients agree with the first variant.
+a compiled call (launches included: no CUDA graphs), the GPU time of its kernels (profiler), its largest
+kernels, and whether the choices and gradients agree with the first variant.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from widenet_ds.modeling.gate import router_logits, top_k_choices  # noqa: E402
+
+from bench_experts import kernel_table, time_calls  # noqa: E402  (this folder)
 
 
 def linear_logits(x, w):  # the gate before session 8
@@ -101,24 +103,11 @@ def main(argv=None) -> dict:
         rec["choices_equal"] = bool(torch.equal(result[0], reference[0]))
         for key, got, want in (("x_grad", result[1], reference[1]), ("w_grad", result[2], reference[2])):
             rec[f"{key}_max_rel_diff"] = float((got - want).abs().max() / want.abs().max())
-        times = []
-        for _ in range(5):
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.repeats):
-                call(fn)
-            sync()
-            times.append((time.perf_counter() - start) / args.repeats * 1e3)
-        rec["wall_ms"] = round(min(times), 4)
+        rec["wall_ms"] = min(time_calls(lambda: call(fn), sync, args.repeats, measurements=5))
         if device.type == "cuda":
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.repeats):
-                    call(fn)
-                sync()
-            events = prof.key_averages()
-            rec["gpu_us"] = round(sum(e.self_device_time_total for e in events) / args.repeats, 1)
-            rec["kernels"] = events.table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=70)
+            kernels = kernel_table(lambda: call(fn), sync, calls=args.repeats, top=None)
+            rec["gpu_us"] = round(sum(us for us, _ in kernels), 1)
+            rec["kernels_us"] = kernels[:10]
         print(f"[router] {name}: {({k: v for k, v in rec.items() if k != 'kernels'})}", flush=True)
         report["variants"].append(rec)
     args.out.parent.mkdir(parents=True, exist_ok=True)
