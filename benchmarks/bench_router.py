@@ -38,12 +38,12 @@ def per_expert_logits(x, w):  # candidate: one sum per expert (Inductor fuses th
     return torch.stack([(x.float() * w[e].float()).sum(-1) for e in range(w.shape[0])], dim=-1)
 
 
-def topk_choices(scores, k):
+def torch_topk(scores, k):  # the gate before session 8
     return torch.topk(scores, k, dim=-1).indices
 
 
 VARIANTS = {
-    "linear+topk (before)": (linear_logits, topk_choices),
+    "linear+topk (before)": (linear_logits, torch_topk),
     "multiply-sum+argmax (gate)": (router_logits, top_k_choices),
     "per-expert sums+argmax": (per_expert_logits, top_k_choices),
 }
@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
         sync()
         rec["compile_s"] = round(time.time() - start, 1)
         result = (choice.clone(), x.grad.float().clone(), w.grad.float().clone())
-        reference = reference or result
+        if reference is None:
+            reference = result
         rec["choices_equal"] = bool(torch.equal(result[0], reference[0]))
         for key, got, want in (("x_grad", result[1], reference[1]), ("w_grad", result[2], reference[2])):
             rec[f"{key}_max_rel_diff"] = float((got - want).abs().max() / want.abs().max())
@@ -108,7 +109,7 @@ def main(argv=None) -> dict:
             kernels = kernel_table(lambda: call(fn), sync, calls=args.repeats, top=None)
             rec["gpu_us"] = round(sum(us for us, _ in kernels), 1)
             rec["kernels_us"] = kernels[:10]
-        print(f"[router] {name}: {({k: v for k, v in rec.items() if k != 'kernels'})}", flush=True)
+        print(f"[router] {name}: {({k: v for k, v in rec.items() if k != 'kernels_us'})}", flush=True)
         report["variants"].append(rec)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
