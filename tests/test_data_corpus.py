@@ -3,6 +3,7 @@
 import gzip
 import json
 import logging
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -117,14 +118,30 @@ def test_bad_jsonl_lines_are_skipped_counted_and_logged(tmp_path, caplog):
     assert f"{path}:2" in logged and f"{path}:4" in logged and f"{path}:6" in logged
 
 
-def test_undecodable_text_lines_are_skipped(tmp_path):
+@pytest.mark.parametrize("name", ["docs.jsonl", "docs.jsonl.gz"])
+def test_skip_reports_give_the_real_line_number_after_an_undecodable_line(tmp_path, caplog, name):
+    good = [json.dumps({"text": " ".join(d[0])}) for d in DOCUMENTS[:3]]
+    lines = [good[0], b'{"text": "caf\xe9"}', good[1], "{not json", "", '{"title": "no text"}', good[2]]
+    data = b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with caplog.at_level(logging.WARNING, logger="widenet_ds.data.corpus"):
+        documents = list(Corpus([path]))
+    assert len(documents) == 3
+    reported = [int(n) for n in re.findall(rf"{re.escape(str(path))}:(\d+): skipped", caplog.text)]
+    assert reported == [2, 4, 6]  # the lines as an editor numbers them: the blank line 5 is not a record
+
+
+def test_undecodable_text_lines_are_skipped(tmp_path, caplog):
     path = tmp_path / "book.txt"
     lines = book_text().encode().split(b"\n")
-    lines.insert(1, b"Caf\xe9 cr\xe8me is a line in Latin-1.")
+    lines[1:1] = [b"Caf\xe9 cr\xe8me is a line in Latin-1.", b"D\xe9j\xe0 vu."]
     path.write_bytes(b"\n".join(lines))
     corpus = Corpus([path])
-    assert list(corpus) == fixture_documents()
-    assert corpus.stats.skipped_lines == 1
+    with caplog.at_level(logging.WARNING, logger="widenet_ds.data.corpus"):
+        assert list(corpus) == fixture_documents()
+    assert corpus.stats.skipped_lines == 2
+    assert re.findall(rf"{re.escape(str(path))}:(\d+): skipped", caplog.text) == ["2", "3"]
 
 
 def test_parquet_column_and_null_rows(tmp_path):

@@ -388,8 +388,13 @@ def check_sources(sources: Sequence[str | Path] | str | Path, fmt: CorpusFormat 
 # Reading
 
 
-def _text_lines(path: Path, stats: CorpusStats) -> Iterator[str]:
-    """Decoded lines of a text file; lines that are not UTF-8 are skipped and counted."""
+def _numbered_lines(path: Path, stats: CorpusStats) -> Iterator[tuple[int, str]]:
+    """Decoded lines of a text file with their 1-based line numbers in the file (of the
+    decompressed text for .gz); lines that are not UTF-8 are skipped and counted.
+
+    The numbers come from the file, not from counting what is yielded, so a skipped line does
+    not shift the ``file:line`` of later reports.
+    """
     with _open_binary(path) as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -397,12 +402,17 @@ def _text_lines(path: Path, stats: CorpusStats) -> Iterator[str]:
             except UnicodeDecodeError as error:
                 stats.skip_line(str(path), number, f"not valid UTF-8 at byte {error.start}")
                 continue
-            yield line.removeprefix("\ufeff") if number == 1 else line
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _text_lines(path: Path, stats: CorpusStats) -> Iterator[str]:
+    """Decoded lines of a text file; lines that are not UTF-8 are skipped and counted."""
+    return (line for _, line in _numbered_lines(path, stats))
 
 
 def _jsonl_texts(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]:
     """The text field of each record of a JSON-lines file; bad lines are skipped and counted."""
-    for number, line in enumerate(_text_lines(path, stats), start=1):
+    for number, line in _numbered_lines(path, stats):
         if not line.strip():
             continue
         try:
