@@ -1,5 +1,9 @@
 """The ALBERT-style SentencePiece tokenizer: training, special ids, pair layout, loading."""
 
+import json
+import re
+import shutil
+
 import pytest
 from data.english import all_sentences
 from data.helpers import VOCAB_SIZE, fixture_documents, make_tokenizer, write_book
@@ -83,8 +87,61 @@ def test_normalisation_matches_the_hugging_face_normaliser(trained):
 
 
 def test_missing_tokenizer_says_how_to_make_one(tmp_path):
-    with pytest.raises(TokenizerError, match="no tokenizer at .*train_tokenizer"):
+    with pytest.raises(TokenizerError, match="no tokenizer at .*nowhere: the path does not exist.*train_tokenizer"):
         load_tokenizer(tmp_path / "nowhere")
+    with pytest.raises(TokenizerError, match="no tokenizer at .*: expected a directory with tokenizer_config.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_a_hub_repo_id_is_a_missing_path_not_a_download():
+    with pytest.raises(TokenizerError, match="no tokenizer at albert/albert-base-v2: the path does not exist"):
+        load_tokenizer("albert/albert-base-v2")
+
+
+def test_a_file_instead_of_the_directory_names_the_fix(trained):
+    directory, _ = trained
+    with pytest.raises(TokenizerError, match="tokenizer.json: it is a file, not a directory; pass the directory"):
+        load_tokenizer(directory / "tokenizer.json")
+
+
+def _damaged_copy(trained, tmp_path, name, content):
+    """A copy of the trained tokenizer's directory whose file ``name`` holds ``content``."""
+    directory = tmp_path / "damaged"
+    shutil.copytree(trained[0], directory)
+    (directory / name).write_text(content)
+    return directory
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("tokenizer.json", "", r"tokenizer.json is empty \(0 bytes\)"),
+    ("tokenizer.json", '{"version": "1.0", "trunc', r"tokenizer.json is damaged: tokenizers cannot read it"),
+    ("tokenizer.json", '{"model": {}}', r"tokenizer.json is damaged: tokenizers cannot read it"),
+    ("tokenizer_config.json", "", r"tokenizer_config.json is damaged: not readable as JSON"),
+    ("tokenizer_config.json", "[]", r"tokenizer_config.json is damaged: it holds a JSON list"),
+])
+def test_an_empty_or_damaged_file_is_named_with_the_fix(trained, tmp_path, name, content, problem):
+    directory = _damaged_copy(trained, tmp_path, name, content)
+    with pytest.raises(TokenizerError, match=f"^{re.escape(str(directory))}/{problem}.*restore the directory"):
+        load_tokenizer(directory)
+
+
+def test_a_damaged_sentencepiece_model_is_a_tokenizer_error(trained, tmp_path):
+    directory = _damaged_copy(trained, tmp_path, "spiece.model", "")
+    (directory / "tokenizer.json").unlink()  # transformers then builds the tokenizer from spiece.model
+    with pytest.raises(TokenizerError, match=f"cannot load the tokenizer at {re.escape(str(directory))} .*restore"):
+        load_tokenizer(directory)
+
+
+def test_custom_code_in_the_directory_is_refused_and_never_run(trained, tmp_path):
+    settings = json.loads((trained[0] / "tokenizer_config.json").read_text())
+    settings.update(auto_map={"AutoTokenizer": ["custom.CustomTokenizer", None]}, tokenizer_class="CustomTokenizer")
+    directory = _damaged_copy(trained, tmp_path, "tokenizer_config.json", json.dumps(settings))
+    marker = tmp_path / "code-ran"
+    (directory / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                         f"from transformers import AlbertTokenizer as CustomTokenizer\n")
+    with pytest.raises(TokenizerError, match="names custom tokenizer code .*never runs code"):
+        load_tokenizer(directory)
+    assert not marker.exists()
 
 
 def test_vocab_too_large_for_the_text_is_explained(tmp_path):

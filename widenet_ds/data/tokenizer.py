@@ -18,6 +18,7 @@ what ``AlbertTokenizer`` does to text (``\\`\\```/``''`` to ``"``, NFKD and acce
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import tempfile
@@ -26,6 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+import tokenizers
 from tqdm.auto import tqdm
 from transformers import AlbertTokenizer, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 SPECIAL_PIECES = ("<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, as in ALBERT
 MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
+_RESTORE = "restore the directory from a copy, or train a new tokenizer with widenet_ds.data.train_tokenizer(...)"
 
 
 class TokenizerError(ValueError):
@@ -160,18 +163,65 @@ def train_tokenizer(
     return load_tokenizer(output)
 
 
+def _tokenizer_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot hold a loadable tokenizer, judged from its files alone; or None.
+
+    Checked before ``from_pretrained`` sees the path: given a path that is not a directory it
+    would try the string as a hub repo id, and a damaged file fails deep inside ``tokenizers``
+    or ``json`` with a message that names no file.
+    """
+    if not directory.exists():
+        return (f"no tokenizer at {directory}: the path does not exist (relative paths start at {Path.cwd()}); "
+                f"pass the directory a tokenizer was saved to, or create one with widenet_ds.data.train_tokenizer(...)")
+    if not directory.is_dir():
+        return (f"no tokenizer at {directory}: it is a file, not a directory; pass the directory that holds "
+                f"tokenizer_config.json and tokenizer.json")
+    config = directory / "tokenizer_config.json"
+    if not config.is_file():
+        return (f"no tokenizer at {directory}: expected a directory with tokenizer_config.json "
+                f"(as save_pretrained writes it); create one with widenet_ds.data.train_tokenizer(...)")
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        return f"{config} is damaged: not readable as JSON ({error}); {_RESTORE}"
+    if not isinstance(settings, dict):
+        return f"{config} is damaged: it holds a JSON {type(settings).__name__}, not an object; {_RESTORE}"
+    if "auto_map" in settings:
+        return (f"{config} names custom tokenizer code (auto_map: {settings['auto_map']}); load_tokenizer never "
+                f"runs code from a tokenizer directory: use a tokenizer class of transformers, e.g. one saved by "
+                f"widenet_ds.data.train_tokenizer(...)")
+    fast = directory / "tokenizer.json"
+    if fast.exists():
+        if fast.stat().st_size == 0:
+            return f"{fast} is empty (0 bytes), so the tokenizer was not saved completely; {_RESTORE}"
+        try:
+            tokenizers.Tokenizer.from_file(str(fast))
+        except Exception as error:  # tokenizers raises a bare Exception for bad JSON and bad structure alike
+            return f"{fast} is damaged: tokenizers cannot read it ({error}); {_RESTORE}"
+    return None
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer saved by :func:`train_tokenizer` (or any local ALBERT-style tokenizer).
 
+    Only local files are read (``local_files_only``), and no code from the directory is run
+    (a ``tokenizer_config.json`` with an ``auto_map`` is refused): a path is never taken for a
+    Hugging Face hub repo id.
+
     Raises:
-        TokenizerError: when ``path`` is not a directory with ``tokenizer_config.json``, or the
-            tokenizer lacks a token pretraining needs.
+        TokenizerError: when ``path`` does not exist, is not a directory with
+            ``tokenizer_config.json``, holds an empty or damaged ``tokenizer_config.json`` or
+            ``tokenizer.json``, names custom code, or lacks a token pretraining needs.
     """
     directory = Path(path)
-    if not (directory / "tokenizer_config.json").is_file():
-        raise TokenizerError(f"no tokenizer at {directory}: expected a directory with tokenizer_config.json "
-                             f"(as save_pretrained writes it); create one with widenet_ds.data.train_tokenizer(...)")
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    problem = _tokenizer_problem(directory)
+    if problem:
+        raise TokenizerError(problem)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except Exception as error:  # transformers raises many types (OSError, ValueError, KeyError) for bad files
+        raise TokenizerError(f"cannot load the tokenizer at {directory} ({type(error).__name__}: {error}); "
+                             f"{_RESTORE}") from error
     missing = [name for name in ("cls_token", "sep_token", "mask_token", "pad_token")
                if getattr(tokenizer, f"{name}_id") is None]
     if missing:
