@@ -52,7 +52,9 @@ GLUE_FILES: dict[str, str] = {
                        "A man is playing a flute.\t3.800\n",
     "STS-B/dev.tsv": f"{STSB_HEADER}\tscore\n"
                      "0\tmain-captions\tMSRvid\t2012test\t0000\tnone\tnone\tA man with a hard hat is dancing.\t"
-                     "A man wearing a hard hat is dancing.\t0.250\n",
+                     "A man wearing a hard hat is dancing.\t0.250\n"
+                     "1\tmain-captions\tMSRvid\t2012test\t0002\tnone\tnone\tA young child is riding a horse.\t"
+                     "A child is riding a horse.\t4.750\n",
     "STS-B/test.tsv": f"{STSB_HEADER}\n"
                       "0\tmain-captions\tMSRvid\t2012test\t0024\tnone\tnone\tA girl is styling her hair.\t"
                       "A girl is brushing her hair.\n",
@@ -130,7 +132,8 @@ EXPECTED: dict[tuple[str, str], list[GlueExample]] = {
                          "Mike Butcher will report to So .", None)],
     ("stsb", "train"): [E(0, "A plane is taking off.", "An air plane is taking off.", 5.0),
                         E(1, "A man is playing a large flute.", "A man is playing a flute.", 3.8)],
-    ("stsb", "validation"): [E(0, "A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 0.25)],
+    ("stsb", "validation"): [E(0, "A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 0.25),
+                             E(1, "A young child is riding a horse.", "A child is riding a horse.", 4.75)],
     ("stsb", "test"): [E(0, "A girl is styling her hair.", "A girl is brushing her hair.", None)],
     ("qqp", "train"): [E(0, "How do I learn Python?", "What is the best way to learn Python?", 1),
                        E(1, "Why is the sky blue?", 'What is "Rayleigh" scattering?', 0)],

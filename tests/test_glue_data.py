@@ -9,7 +9,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from glue_fixtures import EXPECTED, GLUE_FILES, write_glue_layout
+from glue_fixtures import EXPECTED, GLUE_FILES, MNLI_HEADER, STSB_HEADER, write_glue_layout
 
 from widenet_ds.glue import TASKS, GlueDataError, GlueExample, load_glue, load_split
 
@@ -118,8 +118,9 @@ def test_skip_malformed_skips_counts_and_keeps_positions(tmp_path: Path, caplog:
 
 @pytest.mark.parametrize("relative, content, message", [
     ("SST-2/train.tsv", "sentence\tlabel\ngood\t1\n  \t0\n", "line 3: empty text in 'sentence'"),
-    ("STS-B/train.tsv", GLUE_FILES["STS-B/dev.tsv"].replace("0.250", "n/a"), "line 2: unparsable score 'n/a'"),
-    ("WNLI/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\t\n", "line 2: missing label"),
+    ("STS-B/train.tsv", GLUE_FILES["STS-B/dev.tsv"].replace("0.250", "n/a"),
+     "line 2: score 'n/a' is not a number (stsb labels are scores from 0 to 5)"),
+    ("WNLI/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\t1\n1\tC.\tD.\t\n", "line 3: missing label"),
     ("CoLA/train.tsv", "gj04\t1\t\tFine.\ngj04\t1\tFine.\n", "line 2: expected 4 tab-separated columns, got 3"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path: Path, relative: str, content: str, message: str):
@@ -159,9 +160,11 @@ def test_header_without_the_needed_column(tmp_path: Path):
 
 
 def test_empty_file_needs_a_header(tmp_path: Path):
-    _write(tmp_path / "RTE" / "test.tsv", "")
-    with pytest.raises(GlueDataError, match="is empty; expected a header row"):
+    path = _write(tmp_path / "RTE" / "test.tsv", "")
+    with pytest.raises(GlueDataError) as err:
         load_split("rte", "test", data_dir=tmp_path)
+    assert str(err.value) == (f"rte test: {path} is empty; expected a header row and one row per example, "
+                              "as in the GLUE RTE files")
 
 
 # --- CSV / JSON / JSONL / TSV files per split ----------------------------------------------
@@ -185,9 +188,11 @@ def test_jsonl_labels_as_index_or_name_and_unlabelled_test(tmp_path: Path):
 
 
 def test_json_array_of_records(tmp_path: Path):
-    records = [{"sentence1": "A dog runs.", "sentence2": "A dog is running.", "label": 4.2, "idx": 0}]
+    records = [{"sentence1": "A dog runs.", "sentence2": "A dog is running.", "label": 4.2, "idx": 0},
+               {"sentence1": "A cat sleeps.", "sentence2": "A man sings.", "label": "0", "idx": 1}]
     path = _write(tmp_path / "dev.json", json.dumps(records))
-    assert load_split("stsb", "validation", data_file=path) == [E(0, "A dog runs.", "A dog is running.", 4.2)]
+    assert load_split("stsb", "validation", data_file=path) == [E(0, "A dog runs.", "A dog is running.", 4.2),
+                                                                E(1, "A cat sleeps.", "A man sings.", 0.0)]
 
 
 def test_glue_tsv_given_as_a_data_file(glue_dir: Path):
@@ -232,6 +237,156 @@ def test_data_file_errors(tmp_path: Path):
         load_split("rte", "train", data_dir=tmp_path, data_file=parquet)
     with pytest.raises(GlueDataError, match="no file for split"):
         load_glue("rte", ["train", "validation"], data_files={"train": parquet})
+
+
+# --- splits that leave nothing to train on or score -----------------------------------------
+
+RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
+SOURCES = {"data_dir": lambda root, relative: {"data_dir": root},
+           "data_file": lambda root, relative: {"data_file": root / relative}}
+
+
+@pytest.mark.parametrize("task, split, relative, content, source", [
+    ("rte", "validation", "RTE/dev.tsv", RTE_HEADER, "data_dir"),
+    ("rte", "validation", "RTE/dev.tsv", RTE_HEADER + "\n\n", "data_dir"),  # blank lines are not rows
+    ("mnli", "test_mismatched", "MNLI/test_mismatched.tsv", f"{MNLI_HEADER}\n", "data_dir"),
+    ("mrpc", "train", "MRPC/train.tsv", GLUE_FILES["MRPC/dev.tsv"].splitlines(keepends=True)[0], "data_file"),
+    ("rte", "validation", "dev.csv", "sentence1,sentence2,label\n", "data_file"),
+    ("sst2", "test", "test.csv", "sentence\n", "data_file"),
+])
+@pytest.mark.parametrize("skip", [False, True])
+def test_header_without_rows_is_refused_naming_file_and_split(tmp_path: Path, task: str, split: str, relative: str,
+                                                              content: str, source: str, skip: bool):
+    path = _write(tmp_path / relative, content)
+    with pytest.raises(GlueDataError) as err:
+        load_split(task, split, skip_malformed=skip, **SOURCES[source](tmp_path, relative))
+    assert str(err.value) == f"{task} {split}: {path} has a header but no rows; the split needs at least one example"
+
+
+def test_empty_json_array_is_refused(tmp_path: Path):
+    path = _write(tmp_path / "dev.json", "[]")
+    with pytest.raises(GlueDataError, match=f"^rte validation: {path} is an empty JSON array; the split needs"):
+        load_split("rte", "validation", data_file=path)
+
+
+@pytest.mark.parametrize("task, split, relative, content, expected", [
+    ("cola", "train", "CoLA/train.tsv", "", "one row per example, as in the GLUE CoLA files"),  # no header
+    ("qqp", "validation", "QQP/dev.tsv", "\ufeff\n", "a header row and one row per example, as in the GLUE QQP files"),
+    ("mrpc", "train", "train.csv", "", "a header row (sentence1, sentence2, label) and one row per example"),
+    ("mrpc", "test", "test.csv", " \n", "a header row (sentence1, sentence2) and one row per example"),
+    ("cola", "validation", "dev.json", "\n", "one JSON object per example, with keys sentence, label"),
+    ("mnli", "validation_matched", "dev.jsonl", "",
+     "one JSON object per example, with keys premise, hypothesis, label"),
+])
+def test_empty_file_is_refused_naming_file_split_and_layout(tmp_path: Path, task: str, split: str, relative: str,
+                                                            content: str, expected: str):
+    path = _write(tmp_path / relative, content)
+    source = "data_dir" if "/" in relative else "data_file"
+    with pytest.raises(GlueDataError) as err:
+        load_split(task, split, skip_malformed=True, **SOURCES[source](tmp_path, relative))
+    assert str(err.value) == f"{task} {split}: {path} is empty; expected {expected}"
+
+
+@pytest.mark.parametrize("task, split, relative, content, column", [
+    ("rte", "validation", "dev.jsonl",  # a test file given as dev
+     '{"sentence1": "A.", "sentence2": "B."}\n{"sentence1": "C.", "sentence2": "D."}\n', "label"),
+    ("cola", "train", "train.csv", "sentence,label\nFine.,\nAlso fine.,-1\n", "label"),
+    ("mnli", "validation_matched", "MNLI/dev_matched.tsv",
+     GLUE_FILES["MNLI/dev_matched.tsv"].replace("\tcontradiction\n", "\t\n"), "gold_label"),
+])
+@pytest.mark.parametrize("skip", [False, True])
+def test_labelled_split_without_any_label_is_refused(tmp_path: Path, task: str, split: str, relative: str,
+                                                     content: str, column: str, skip: bool):
+    path = _write(tmp_path / relative, content)
+    source = "data_dir" if "/" in relative else "data_file"
+    with pytest.raises(GlueDataError) as err:
+        load_split(task, split, skip_malformed=skip, **SOURCES[source](tmp_path, relative))
+    kind = "train" if split == "train" else "dev"
+    assert str(err.value) == (f"{task} {split}: no row of {path} has a label in '{column}'; {kind} files need one "
+                              "in every row (test files have none: is this a test file?)")
+
+
+def test_a_first_row_without_label_is_a_row_error_when_others_have_labels(tmp_path: Path):
+    path = _write(tmp_path / "train.csv", "sentence,label\nFine.,\nAlso fine.,1\n")
+    with pytest.raises(GlueDataError, match=f"^{path}, line 2: missing label; fix the row"):
+        load_split("cola", "train", data_file=path)
+
+
+def test_skip_malformed_that_skips_every_row_is_refused(tmp_path: Path):
+    path = _write(tmp_path / "QQP" / "dev.tsv", QQP_HEADER + "1\t2\t3\tIs it?\t1\n4\t5\t6\tHow?\t0\n")
+    with pytest.raises(GlueDataError) as err:
+        load_split("qqp", "validation", data_dir=tmp_path, skip_malformed=True)
+    assert str(err.value) == (f"qqp validation: all 2 row(s) of {path} are malformed, the first at line 2: expected "
+                              "6 tab-separated columns, got 5; skip_malformed left no example: fix the file")
+
+
+@pytest.mark.parametrize("label", [True, "nan", "3,8", [3.8], {"score": 3.8}])
+def test_stsb_label_that_is_not_a_number_is_a_malformed_row(tmp_path: Path, label: object):
+    rows = [{"sentence1": "A.", "sentence2": "B.", "label": 1.5},
+            {"sentence1": "C.", "sentence2": "D.", "label": label},
+            {"sentence1": "E.", "sentence2": "F.", "label": 4}]
+    path = _write(tmp_path / "train.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(GlueDataError) as err:
+        load_split("stsb", "train", data_file=path)
+    assert str(err.value).startswith(f"{path}, line 2: score {label!r} is not a number (stsb labels are scores "
+                                     "from 0 to 5); fix the row")
+    assert [e.label for e in load_split("stsb", "train", data_file=path, skip_malformed=True)] == [1.5, 4.0]
+
+
+@pytest.mark.parametrize("scores", [["2.500"], ["3.000", "3"]])
+def test_stsb_dev_with_a_single_score_is_refused(tmp_path: Path, scores: list[str]):
+    rows = "".join(f"{i}\tg\tf\ty\t{i}\tn\tn\tA man runs.\tA man is running.\t{s}\n" for i, s in enumerate(scores))
+    path = _write(tmp_path / "STS-B" / "dev.tsv", f"{STSB_HEADER}\tscore\n{rows}")
+    with pytest.raises(GlueDataError) as err:
+        load_split("stsb", "validation", data_dir=tmp_path)
+    assert str(err.value) == (f"stsb validation: all {len(scores)} row(s) of {path} have the score "
+                              f"{float(scores[0]):g}; Pearson and Spearman correlations need at least two different scores: "
+                              "give the whole dev file")
+
+
+class _Warnings(logging.Handler):
+    """Collects the messages of warnings logged to it."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _warnings(load) -> list[str]:
+    """Warnings of widenet_ds.glue.data while ``load()`` runs, whatever the project logger's propagation."""
+    logger, handler = logging.getLogger("widenet_ds.glue.data"), _Warnings()
+    logger.addHandler(handler)
+    try:
+        load()
+    finally:
+        logger.removeHandler(handler)
+    return handler.messages
+
+
+def test_train_split_with_a_single_label_warns(tmp_path: Path):
+    path = _write(tmp_path / "train.csv", "sentence,label\nGood.,positive\nFine.,1\n")
+    assert _warnings(lambda: load_split("sst2", "train", data_file=path)) == [
+        f"sst2 train: all 2 row(s) of {path} have the label 'positive'; the model can learn nothing but that label: "
+        "is this the right file?"]
+
+
+def test_hub_train_split_with_a_single_label_warns(monkeypatch: pytest.MonkeyPatch):
+    rows = datasets.Dataset.from_dict({"sentence": ["S0"], "label": [0], "idx": [0]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name, split: rows)
+    assert _warnings(lambda: load_split("cola", "train")) == [
+        "cola train: all 1 row(s) of nyu-mll/glue (cola, train) have the label 'unacceptable'; the model can learn "
+        "nothing but that label: is this the right file?"]
+
+
+def test_one_label_in_a_dev_split_or_two_in_train_is_no_warning(glue_dir: Path):
+    def load():
+        assert len({e.label for e in load_split("rte", "train", data_dir=glue_dir)}) == 2
+        assert len(load_split("rte", "validation", data_dir=glue_dir)) == 1  # one row, one label: accuracy works
+
+    assert _warnings(load) == []
 
 
 # --- the hub -------------------------------------------------------------------------------

@@ -9,10 +9,16 @@ GLUE TSVs are read as the GLUE download script writes them: tab-separated, quote
 literal text (``csv.QUOTE_NONE``), a header row except in CoLA's train/dev files, MRPC's
 header behind a UTF-8 byte-order mark, string labels in MNLI, QNLI and RTE.
 
-Malformed rows (wrong column count, empty text, unparsable score, no label) raise a
-``GlueDataError`` naming the file and line, or with ``skip_malformed=True`` are skipped,
-counted and logged (the real QQP train file has a few). A label outside the task's label
-set always raises: it means a wrong file or task, not a damaged row.
+Malformed rows (wrong column count, empty text, a score that is not a number, no label)
+raise a ``GlueDataError`` naming the file and line, or with ``skip_malformed=True`` are
+skipped, counted and logged (the real QQP train file has a few). A label outside the task's
+label set always raises: it means a wrong file or task, not a damaged row.
+
+A split must hold examples: an empty file, a header without rows, a train or dev file with
+no label in any row (a test file given as dev) and a file whose rows were all skipped are
+refused when the split is loaded, not at the job's first evaluation. STS-B dev splits need
+two different scores (Pearson and Spearman are undefined otherwise); a train split whose
+rows all have the same label is logged as a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,10 +73,17 @@ def load_split(task: str, split: str, *, data_dir: PathLike | None = None, data_
     if data_dir is not None and data_file is not None:
         raise GlueDataError("pass data_dir (GLUE download layout) or data_file, not both")
     if data_file is not None:
-        return _read_file(spec, split_spec, Path(data_file), skip_malformed)
-    if data_dir is not None:
-        return _read_tsv(spec, split_spec, _glue_file(spec, split_spec, Path(data_dir)), skip_malformed)
-    return _load_hub(spec, split_spec)
+        source = Path(data_file)
+        examples = _read_file(spec, split_spec, source, skip_malformed)
+    elif data_dir is not None:
+        source = _glue_file(spec, split_spec, Path(data_dir))
+        examples = _read_tsv(spec, split_spec, source, skip_malformed)
+    else:
+        config, hub_split = split_spec.hub_config or spec.hub_config, split_spec.hub_split or split_spec.name
+        source = f"{HUB_DATASET} ({config}, {hub_split})"
+        examples = _load_hub(spec, split_spec)
+    _check_label_spread(spec, split_spec, examples, source)
+    return examples
 
 
 def load_glue(task: str, splits: Sequence[str] | None = None, *, data_dir: PathLike | None = None,
@@ -163,14 +177,32 @@ def _read_file(spec: TaskSpec, split: SplitSpec, path: Path, skip_malformed: boo
     readers = {".csv": _csv_rows, ".json": _json_rows, ".jsonl": _jsonl_rows}
     if suffix not in readers:
         raise GlueDataError(f"{path}: unsupported extension '{suffix}' (use .csv, .json, .jsonl or a GLUE .tsv)")
+    columns = ", ".join(spec.file_columns(split.labelled))
+    layout = (f"a header row ({columns}) and one row per example" if suffix == ".csv"
+              else f"one JSON object per example, with keys {columns}")
+    _refuse_empty_file(spec, split, path, layout)
     rows = readers[suffix](spec, split, path)
-    return _collect(spec, split, path, rows, skip_malformed, text_columns=spec.text_keys, label_index_ok=True)
+    return _collect(spec, split, path, rows, skip_malformed, text_columns=spec.text_keys, label_column="label",
+                    label_index_ok=True)
 
 
 def _read_tsv(spec: TaskSpec, split: SplitSpec, path: Path, skip_malformed: bool) -> list[GlueExample]:
+    headerless = split.labelled and bool(spec.tsv.headerless_columns)
+    _refuse_empty_file(spec, split, path, f"{'' if headerless else 'a header row and '}one row per example, as in "
+                       f"the GLUE {spec.folder} files")
     rows = _tsv_rows(spec, split, path)
     text_columns = (spec.tsv.text_a, spec.tsv.text_b)
-    return _collect(spec, split, path, rows, skip_malformed, text_columns=text_columns, label_index_ok=False)
+    return _collect(spec, split, path, rows, skip_malformed, text_columns=text_columns, label_column=spec.tsv.label,
+                    label_index_ok=False)
+
+
+def _refuse_empty_file(spec: TaskSpec, split: SplitSpec, path: Path, expected: str) -> None:
+    """GlueDataError when ``path`` holds nothing but blank lines: an empty split would only fail later,
+    at the job's first evaluation or prediction. ``expected`` says what the file should hold."""
+    with path.open(encoding="utf-8-sig") as f:
+        if any(line.strip() for line in f):
+            return
+    raise GlueDataError(f"{spec.name} {split.name}: {path} is empty; expected {expected}")
 
 
 def _tsv_rows(spec: TaskSpec, split: SplitSpec, path: Path) -> Iterator[tuple[str, _RawRow]]:
@@ -178,9 +210,7 @@ def _tsv_rows(spec: TaskSpec, split: SplitSpec, path: Path) -> Iterator[tuple[st
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         headerless = split.labelled and bool(spec.tsv.headerless_columns)
-        columns = list(spec.tsv.headerless_columns) if headerless else next(reader, None)
-        if columns is None:
-            raise GlueDataError(f"{path} is empty; expected a header row as in the GLUE {spec.folder} files")
+        columns = list(spec.tsv.headerless_columns) if headerless else next(reader, [])
         wanted = (spec.tsv.text_a, spec.tsv.text_b, spec.tsv.label if split.labelled else None)
         positions = [_column(path, columns, name, spec) for name in wanted]
         for row in reader:
@@ -262,24 +292,49 @@ def _column(path: Path, columns: Sequence[str], name: str | None, spec: TaskSpec
 
 
 def _collect(spec: TaskSpec, split: SplitSpec, path: Path, rows: Iterable[tuple[str, _RawRow]], skip_malformed: bool,
-             text_columns: tuple[str, str | None], label_index_ok: bool) -> list[GlueExample]:
+             text_columns: tuple[str, str | None], label_column: str, label_index_ok: bool) -> list[GlueExample]:
     """Validate raw rows into examples, raising on (or skipping and counting) malformed ones.
 
-    ``text_columns`` name the file's text columns in messages; ``label_index_ok`` accepts class
-    indices as labels (CSV/JSON; GLUE TSVs must use the task's own label strings).
+    ``text_columns`` and ``label_column`` name the file's columns in messages; ``label_index_ok``
+    accepts class indices as labels (CSV/JSON; GLUE TSVs must use the task's own label strings).
+    A file that leaves no example (no rows, no labels, every row skipped) raises a GlueDataError.
     """
-    examples, skipped = [], []
+    rows = iter(rows)
+    examples, skipped, count, labelled = [], [], 0, 0  # labelled: rows not known to lack a label
     for idx, (where, raw) in enumerate(rows):
+        count += 1
+        labelled += not _unlabelled(raw)
         try:
             examples.append(_example(spec, split, idx, raw, f"{path}, {where}", text_columns, label_index_ok))
         except _MalformedRow as err:
             if not skip_malformed:
+                if split.labelled and not labelled and all(_unlabelled(r) for _, r in rows):
+                    raise GlueDataError(_no_labels(spec, split, path, label_column)) from None
                 raise GlueDataError(f"{path}, {where}: {err}; fix the row or load with skip_malformed=True "
                                     "to skip such rows") from None
             skipped.append(f"{where}: {err}")
+    if not examples:
+        raise GlueDataError(_no_examples(spec, split, path, count, labelled, skipped, label_column))
     if skipped:
         logger.warning("%s: skipped %d malformed row(s); first at %s", path, len(skipped), skipped[0])
     return examples
+
+
+def _no_examples(spec: TaskSpec, split: SplitSpec, path: Path, count: int, labelled: int, skipped: list[str],
+                 label_column: str) -> str:
+    """Why a non-empty file gave no example: no data rows, no labels, or every row skipped as malformed."""
+    if not count:
+        what = "is an empty JSON array" if path.suffix.lower() == ".json" else "has a header but no rows"
+        return f"{spec.name} {split.name}: {path} {what}; the split needs at least one example"
+    if split.labelled and not labelled:
+        return _no_labels(spec, split, path, label_column)
+    return (f"{spec.name} {split.name}: all {count} row(s) of {path} are malformed, the first at {skipped[0]}; "
+            "skip_malformed left no example: fix the file")
+
+
+def _no_labels(spec: TaskSpec, split: SplitSpec, path: Path, label_column: str) -> str:
+    return (f"{spec.name} {split.name}: no row of {path} has a label in '{label_column}'; {split.kind} files need "
+            "one in every row (test files have none: is this a test file?)")
 
 
 def _example(spec: TaskSpec, split: SplitSpec, idx: int, raw: _RawRow, where: str,
@@ -307,7 +362,7 @@ def _label(spec: TaskSpec, value: object, where: str, index_ok: bool) -> int | f
     Classes are accepted as written in GLUE files or as hub names ("entailment", "1"); CSV and
     JSON may also give the class index. Missing values (empty, null, the hub's -1) are malformed.
     """
-    if value is None or value == "" or value == -1 or value == "-1":
+    if _missing_label(value):
         raise _MalformedRow("missing label")
     if spec.is_regression:
         return _score(spec, value, where)
@@ -322,15 +377,55 @@ def _label(spec: TaskSpec, value: object, where: str, index_ok: bool) -> int | f
     raise GlueDataError(f"{where}: label {value!r} is not a {spec.name} label (allowed: {allowed})")
 
 
+def _unlabelled(raw: _RawRow) -> bool:
+    """A well-formed row without a label (a row that is malformed already may have lost its label)."""
+    return raw.problem is None and _missing_label(raw.label)
+
+
+def _missing_label(value: object) -> bool:
+    """Empty, null, or the hub's -1: how files mark an example without a label."""
+    return value is None or value == "" or value == -1 or value == "-1"
+
+
 def _score(spec: TaskSpec, value: object, where: str) -> float:
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise _MalformedRow(f"unparsable score {value!r}") from None
+    """An STS-B score; a value that is not a number (text, true/false, NaN) is a malformed row."""
     low, high = spec.score_range
+    score = _as_number(value)
+    if score is None:
+        raise _MalformedRow(f"score {value!r} is not a number ({spec.name} labels are scores from {low:g} to {high:g})")
     if not low <= score <= high:
         raise GlueDataError(f"{where}: score {value!r} is outside {spec.name}'s range [{low:g}, {high:g}]")
     return score
+
+
+def _as_number(value: object) -> float | None:
+    """``value`` as a float when it is a number (3.8, "3.8"), else None: JSON's true/false and NaN are not."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _check_label_spread(spec: TaskSpec, split: SplitSpec, examples: Sequence[GlueExample],
+                        source: PathLike) -> None:
+    """Labels that cannot train or score: an STS-B dev split with one score only raises (Pearson and
+    Spearman are undefined for it, and need two rows); a train split with one label only is logged
+    as a warning (the model can learn nothing but that label)."""
+    values = {e.label for e in examples}
+    if not split.labelled or len(values) != 1:
+        return
+    value = values.pop()
+    shown = f"{value:g}" if spec.is_regression else repr(spec.label_names[value])
+    if spec.is_regression and split.kind == "dev":
+        raise GlueDataError(f"{spec.name} {split.name}: all {len(examples)} row(s) of {source} have the score "
+                            f"{shown}; Pearson and Spearman correlations need at least two different scores: "
+                            "give the whole dev file")
+    if split.kind == "train":
+        logger.warning("%s %s: all %d row(s) of %s have the label %s; the model can learn nothing but that label: "
+                       "is this the right file?", spec.name, split.name, len(examples), source, shown)
 
 
 def _as_int(value: object) -> int | None:
