@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import pytest
 
-from widenet_ds.glue import TASKS, GlueDataError, get_task
+from widenet_ds.glue import TASKS, GlueDataError, describe_task_columns, get_task, load_split
 
 SUBMISSION_FILES = {
     "cola": ["CoLA.tsv"], "sst2": ["SST-2.tsv"], "mrpc": ["MRPC.tsv"], "stsb": ["STS-B.tsv"], "qqp": ["QQP.tsv"],
@@ -52,3 +55,31 @@ def test_unknown_task_lists_the_valid_names():
     with pytest.raises(GlueDataError) as err:
         get_task("squad")
     assert str(err.value) == "unknown GLUE task 'squad' (valid: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)"
+
+
+def test_task_columns_text_has_one_line_per_task():
+    lines = describe_task_columns().splitlines()
+    assert len(lines) == 1 + len(TASKS) and lines[0].startswith("CSV/JSON/JSONL columns per task")
+    assert lines[1] == "  cola  train/dev: sentence, label; test: sentence; label: 0=unacceptable, 1=acceptable"
+    assert lines[4] == ("  stsb  train/dev: sentence1, sentence2, label; test: sentence1, sentence2; "
+                        "label: a score from 0 to 5")
+    assert lines[6] == ("  mnli  train/dev: premise, hypothesis, label; test: premise, hypothesis; "
+                        "label: 0=entailment, 1=neutral, 2=contradiction")
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_files_laid_out_as_the_columns_text_says_load(tmp_path: Path, name: str):
+    """The text is what the loader reads: a CSV with exactly the columns it names, labelled with
+    each value it lists (index and name), loads; so does a test file with its test columns."""
+    line = next(line for line in describe_task_columns().splitlines() if line.split()[0] == name)
+    train, test, label = (part.split(": ", 1)[1] for part in line.split("; "))
+    columns = train.split(", ")
+    values = ["0.5", "4"] if TASKS[name].is_regression else [v for pair in label.split(", ") for v in pair.split("=")]
+    rows = [[f"text {i} {column}" for column in columns[:-1]] + [value] for i, value in enumerate(values)]
+    with (tmp_path / "train.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([columns, *rows])
+    with (tmp_path / "test.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([test.split(", "), [f"text {column}" for column in test.split(", ")]])
+    examples = load_split(name, "train", data_file=tmp_path / "train.csv")
+    assert len(examples) == len(values) and None not in {e.label for e in examples}
+    assert len(load_split(name, TASKS[name].test_splits[0], data_file=tmp_path / "test.csv")) == 1

@@ -99,6 +99,11 @@ class TaskSpec:
         keys = [s.renamed_metrics.get(m, m) for s in self.splits if s.kind == "dev" for m in self.metrics]
         return tuple(dict.fromkeys(keys))
 
+    def file_columns(self, labelled: bool) -> tuple[str, ...]:
+        """Columns (CSV header) or keys (JSON) a file of this task needs: the hub's sentence keys,
+        then ``label`` in train and dev files. Test rows are numbered by their position in the file."""
+        return (*(key for key in self.text_keys if key), *(("label",) if labelled else ()))
+
     def split(self, name: str) -> SplitSpec:
         """The split called ``name``; GlueDataError listing the task's splits otherwise."""
         for spec in self.splits:
@@ -181,3 +186,27 @@ def get_task(name: str) -> TaskSpec:
     if key not in TASKS:
         raise GlueDataError(f"unknown GLUE task {name!r} (valid: {', '.join(TASKS)})")
     return TASKS[key]
+
+
+def describe_task_columns() -> str:
+    """What a user's CSV / JSON / JSONL files must hold, as a short text for ``--help``: a title
+    line, then one line per task with the columns of train/dev files, of test files, and the
+    label values (a class as its index or its name; STS-B a score).
+
+    Rendered from the registry, so it says exactly what the loaders check.
+    """
+    lines = ["CSV/JSON/JSONL columns per task (.tsv files: GLUE's own layout); a label is a class index or name; "
+             "test rows are numbered in file order:"]
+    width = max(len(name) for name in TASKS)
+    for spec in TASKS.values():
+        lines.append(f"  {spec.name:<{width}}  train/dev: {', '.join(spec.file_columns(True))}; "
+                     f"test: {', '.join(spec.file_columns(False))}; label: {_label_values(spec)}")
+    return "\n".join(lines) + "\n"
+
+
+def _label_values(spec: TaskSpec) -> str:
+    """``0=unacceptable, 1=acceptable``, or the score range of a regression task."""
+    if spec.is_regression:
+        low, high = spec.score_range
+        return f"a score from {low:g} to {high:g}"
+    return ", ".join(f"{index}={name}" for index, name in enumerate(spec.label_names))
