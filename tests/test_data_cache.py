@@ -1,5 +1,8 @@
 """Preprocessing into the on-disk cache: contents, reuse, invalidation, parallelism, errors."""
 
+import json
+import logging
+
 import numpy as np
 import pytest
 from data.english import DOCUMENTS
@@ -127,3 +130,66 @@ def test_dataset_errors_name_the_directory_and_the_fix(corpus, tokenizer, tmp_pa
     assert dataset[-1]["index"] == len(dataset) - 1
     with pytest.raises(IndexError):
         dataset[len(dataset)]
+
+
+def _unpunctuated_lines(count, seed=0):
+    """Lines of fixture words without any sentence punctuation, as code, lists or lyrics come."""
+    words = sorted({w.strip(".,!?\"'").lower() for d in DOCUMENTS for p in d for s in p for w in s.split()})
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, size=10)) for _ in range(count)]
+
+
+def test_the_build_reports_what_was_read_and_what_was_kept(corpus, tokenizer, tmp_path, caplog):
+    config = PreprocessConfig(max_seq_length=128, eval_fraction=0.3, seed=7)
+    with caplog.at_level(logging.INFO, logger="widenet_ds.data.cache"):
+        cache = build_pretraining_cache(corpus, tokenizer, tmp_path / "cache", config)
+    lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for d in corpus for s in d]
+    kept = [len(a) + len(b) for split in ("train", "eval") for a, b, _ in _items(cache.dataset(split))]
+    stats = cache.meta["stats"]
+    assert (stats["documents"], stats["sentences"]) == (len(list(corpus)), len(lengths))
+    assert stats["tokens_read"] == sum(lengths)
+    assert stats["long_sentences"] == sum(n > config.max_seq_length - 3 for n in lengths)
+    assert (stats["instances_kept"], stats["tokens_kept"]) == (len(kept), sum(kept))
+    assert stats["kept_share"] == pytest.approx(sum(kept) / sum(lengths))
+    assert 0.9 < stats["kept_share"] < 1  # the sentence that overflows an instance loses a few tokens
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("read ")]
+    assert summary == [f"read {len(list(corpus))} documents, {len(lengths)} sentences, {sum(lengths):,} tokens; "
+                       f"kept {sum(kept):,} tokens ({sum(kept) / sum(lengths):.1%}) in "
+                       f"{len(cache.dataset('train'))} train and {len(cache.dataset('eval'))} eval instances; "
+                       f"0 sentences longer than 125 tokens were truncated; 0 lines skipped"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_keeping_less_than_80_percent_warns_why(corpus, tokenizer, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="widenet_ds.data.cache"):
+        cache = build_pretraining_cache(corpus, tokenizer, tmp_path / "cache", CONFIG)
+    stats = cache.meta["stats"]
+    assert cache_module.KEPT_SHARE_MINIMUM < stats["kept_share"] < cache_module.KEPT_SHARE_WARNING
+    assert (f"only {stats['kept_share']:.1%} of the {stats['tokens_read']:,} tokens read were kept in the "
+            f"pretraining cache: an instance holds at most 45 tokens (max_seq_length 48 - 3)") in caplog.text
+    assert caplog.text.rstrip().endswith("raise max_seq_length")
+
+
+@pytest.mark.parametrize("name, fix", [
+    ("lines.txt", "put each line in its own record of a .jsonl file"),
+    ("records.jsonl", "inside a record, a line break is read as a space"),
+])
+def test_unpunctuated_text_that_would_be_mostly_dropped_is_refused(tokenizer, tmp_path, name, fix):
+    lines = _unpunctuated_lines(400)
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 100])}) + "\n" for i in range(0, 400, 100)))
+    else:
+        path.write_text("\n".join(lines))
+    corpus = Corpus([path])
+    sentences = [s for d in corpus for s in d]
+    tokens = sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in sentences)
+    config = PreprocessConfig(max_seq_length=128)
+    with pytest.raises(CorpusError) as error:
+        build_pretraining_cache(corpus, tokenizer, tmp_path / "cache", config)
+    message = str(error.value)
+    assert f"of the {tokens:,} tokens read were kept (less than 10%, so no cache was written)" in message
+    assert (f"{len(sentences)} of {len(sentences)} sentences are longer than max_seq_length 128 (more than 125 "
+            f"tokens) and are truncated to it") in message
+    assert "ends with sentence punctuation (. ! ?)" in message and fix in message
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -6,8 +6,11 @@ split in ``SPLITS``:
 - ``<split>.tokens.bin``: int32 token ids of every instance, segment A then segment B, back to back;
 - ``<split>.index.bin``: int64 rows ``(offset, len_a, len_b, sop_label)``, one per instance;
 
-and ``meta.json`` (settings, counts, corpus statistics), written last. Both ``.bin`` files are
-memory-mapped, so a cache larger than memory can be trained on.
+and ``meta.json`` (settings, counts, corpus statistics, and the size and sha256 of every
+``.bin`` file), written last. Both ``.bin`` files are memory-mapped, so a cache larger than
+memory can be trained on. Opening a split checks cheaply that its files agree with the counts in
+``meta.json`` (sizes, and where the last instance ends), so a truncated file is an error, not
+wrong data; ``build_pretraining_cache`` verifies the sha256 of every file before reusing a cache.
 
 Masking is dynamic: :class:`PretrainingCollator` masks each example with an RNG seeded from
 ``(seed, epoch, example index)``, so a batch does not depend on the number of DataLoader
@@ -29,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from ..config import ConfigError
 from .pretraining import IGNORE_INDEX, mask_tokens, num_to_predict
 
-FORMAT_VERSION = 1  # bump when the layout changes: old caches are then rebuilt
+FORMAT_VERSION = 2  # bump when the layout changes: old caches are then rebuilt (2: meta.json records sha256s)
 SPLITS = ("train", "eval")
 TOKEN_DTYPE = np.int32
 INDEX_DTYPE = np.int64
@@ -50,13 +53,21 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     """The ``meta.json`` of a complete cache.
 
     Raises:
-        CacheError: if ``directory`` has no ``meta.json`` or was written in another format version.
+        CacheError: if ``directory`` has no ``meta.json``, it is not a JSON object, or it was
+            written in another format version.
     """
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise CacheError(f"{directory} is not a pretraining cache (no {META_FILE}); build one with "
                          f"widenet_ds.data.build_pretraining_cache(...)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CacheError(f"{path} is damaged ({error}); delete {directory} and build the cache again with "
+                         f"build_pretraining_cache(...)") from error
+    if not isinstance(meta, dict):
+        raise CacheError(f"{path} is damaged (a JSON {type(meta).__name__}, not an object); delete {directory} "
+                         f"and build the cache again with build_pretraining_cache(...)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{directory} has cache format {meta.get('format_version')}, this code reads "
                          f"{FORMAT_VERSION}; rebuild it with build_pretraining_cache(...)")
@@ -82,7 +93,34 @@ class PretrainingDataset(Dataset):
         self.split = split
         self.meta = read_meta(self.directory)
         self.num_instances = int(self.meta["splits"][split]["instances"])
+        self._check_files()
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None  # opened on first use, in each worker
+
+    def _check_files(self) -> None:
+        """Raise ``CacheError`` unless the split's files agree with ``meta.json``: both sizes match its
+        counts, and the last instance ends where the token file ends. Reads one index row, not the files.
+        """
+        num_tokens = int(self.meta["splits"][self.split]["tokens"])
+        tokens_file, index_file = split_files(self.directory, self.split)
+        fix = f"delete {self.directory} and build the cache again with build_pretraining_cache(...)"
+        row_bytes = INDEX_COLUMNS * np.dtype(INDEX_DTYPE).itemsize
+        expected = {index_file: (self.num_instances * row_bytes, f"{self.num_instances:,} instances"),
+                    tokens_file: (num_tokens * np.dtype(TOKEN_DTYPE).itemsize, f"{num_tokens:,} tokens")}
+        for path, (size, what) in expected.items():
+            if not path.is_file():
+                raise CacheError(f"{path} is missing from the cache; {fix}")
+            if path.stat().st_size != size:
+                raise CacheError(f"{path} has {path.stat().st_size:,} bytes, but {META_FILE} counts {what} in "
+                                 f"split {self.split!r}, which take {size:,}: the file is truncated or was "
+                                 f"overwritten; {fix}")
+        if self.num_instances == 0:
+            return
+        last_row = (self.num_instances - 1) * row_bytes
+        last = np.fromfile(index_file, dtype=INDEX_DTYPE, count=INDEX_COLUMNS, offset=last_row)
+        offset, len_a, len_b, _ = (int(v) for v in last)
+        if min(offset, len_a, len_b) < 0 or offset + len_a + len_b != num_tokens:
+            raise CacheError(f"{index_file}: the last instance (offset {offset}, lengths {len_a} + {len_b}) does not "
+                             f"end where {tokens_file.name} ends (token {num_tokens:,}): the index is damaged; {fix}")
 
     def __len__(self) -> int:
         return self.num_instances
