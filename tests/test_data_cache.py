@@ -104,6 +104,8 @@ def test_worker_processes_write_the_same_cache(corpus, tokenizer, tmp_path, monk
         for inline_file, pooled_file in zip(split_files(inline.path, split), split_files(pooled.path, split)):
             assert inline_file.read_bytes() == pooled_file.read_bytes()
     assert inline.meta["splits"] == pooled.meta["splits"]
+    assert inline.meta["files"] == pooled.meta["files"]  # sha256 of what each writer hashed as it wrote
+    assert inline.meta["stats"] == pooled.meta["stats"]
 
 
 def test_a_corpus_without_text_is_an_error_and_leaves_no_cache(tokenizer, tmp_path):
