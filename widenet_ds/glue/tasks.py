@@ -19,7 +19,8 @@ SplitKind = Literal["train", "dev", "test", "diagnostic"]
 
 
 class GlueDataError(ValueError):
-    """GLUE data, a task name or a split that cannot be used; the message says where and what to fix."""
+    """GLUE data, a task name, a split or a results file that cannot be used; the message says where
+    and what to fix."""
 
 
 @dataclass(frozen=True)
