@@ -40,6 +40,14 @@ def test_mnli_column_is_matched_accuracy_and_tasks_choose_columns():
     assert task_score("qqp", {"f1": 0.7, "accuracy": 0.9}) == pytest.approx(0.8)
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 0, 2), (2, 1, 0), (1, 2, 0)])
+def test_a_nan_seed_is_the_worst_for_the_median_whatever_the_order(order: tuple[int, ...]):
+    scores = [float("nan"), 0.8, 0.9]
+    records = [{"model": "m", "task": "sst2", "seed": i, "metrics": {"accuracy": scores[i]}} for i in order]
+    assert results_table(records).splitlines()[-1] == "| m | 80.0 | 80.0 |"
+    assert results_table(records, aggregate="mean").splitlines()[-1] == "| m | nan | nan |"
+
+
 def test_bad_records_are_refused():
     with pytest.raises(ValueError, match="second result for model 'albert', task sst2, seed 0"):
         results_table([*RECORDS, {"model": "albert", "task": "sst2", "seed": 0, "metrics": {"accuracy": 0.5}}])

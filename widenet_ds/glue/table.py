@@ -6,10 +6,14 @@ QQP (F1, acc.) and STS-B (Pearson, Spearman); MNLI reports matched accuracy (MNL
 CoLA MCC, the others accuracy. Seeds are combined with the median (or the mean), then the
 score is shown x100 with one decimal. Avg is the mean of the row's task scores, shown only
 when the model has every column (an average over fewer tasks would not compare).
+
+A NaN score (a run whose metric was undefined at every evaluation) is the worst seed for the
+median, as for the fine-tuning job's checkpoint selection; a mean over it is NaN, shown "nan".
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,8 +21,18 @@ from typing import Any, Literal
 
 from .tasks import TASKS, get_task
 
-_AGGREGATES = {"median": statistics.median, "mean": statistics.fmean}
 _MISSING = "–"
+
+
+def _median(scores: list[float]) -> float:
+    """The median, NaN ranked below every number (``statistics.median`` sorts NaN anywhere, so it
+    would return whichever seed the order of the files left in the middle)."""
+    ordered = sorted(scores, key=lambda v: -math.inf if math.isnan(v) else v)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+_AGGREGATES = {"median": _median, "mean": statistics.fmean}
 
 
 def task_score(task: str, metrics: Mapping[str, float]) -> float:
