@@ -381,10 +381,24 @@ def test_hub_train_split_with_a_single_label_warns(monkeypatch: pytest.MonkeyPat
         "nothing but that label: is this the right file?"]
 
 
-def test_one_label_in_a_dev_split_or_two_in_train_is_no_warning(glue_dir: Path):
+@pytest.mark.parametrize("task, content, metric", [
+    ("cola", "sentence,label\nGood.,1\nFine.,acceptable\n", "matthews_correlation"),
+    ("mrpc", "sentence1,sentence2,label\nA.,B.,0\nC.,D.,not_equivalent\n", "f1"),
+])
+def test_dev_split_whose_one_label_leaves_the_main_metric_at_zero_warns(tmp_path: Path, task: str, content: str,
+                                                                        metric: str):
+    path = _write(tmp_path / "dev.csv", content)
+    label = repr(TASKS[task].label_names[0 if task == "mrpc" else 1])
+    assert _warnings(lambda: load_split(task, "validation", data_file=path)) == [
+        f"{task} validation: all 2 row(s) of {path} have the label {label}; {metric} is 0 whatever the model "
+        "predicts, so the evaluations cannot pick the best checkpoint: give the whole dev file"]
+
+
+def test_one_label_where_the_metric_still_ranks_or_two_in_train_is_no_warning(glue_dir: Path):
     def load():
         assert len({e.label for e in load_split("rte", "train", data_dir=glue_dir)}) == 2
-        assert len(load_split("rte", "validation", data_dir=glue_dir)) == 1  # one row, one label: accuracy works
+        assert len(load_split("rte", "validation", data_dir=glue_dir)) == 1  # one label: accuracy still ranks
+        assert {e.label for e in load_split("mrpc", "validation", data_dir=glue_dir)} == {1}  # F1 has positives
 
     assert _warnings(load) == []
 

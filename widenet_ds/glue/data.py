@@ -18,7 +18,8 @@ A split must hold examples: an empty file, a header without rows, a train or dev
 no label in any row (a test file given as dev) and a file whose rows were all skipped are
 refused when the split is loaded, not at the job's first evaluation. STS-B dev splits need
 two different scores (Pearson and Spearman are undefined otherwise); a train split whose
-rows all have the same label is logged as a warning.
+rows all have the same label, and a dev split whose one label leaves the main metric at 0
+(CoLA's MCC, the F1 of MRPC and QQP without a positive example), are logged as warnings.
 """
 
 from __future__ import annotations
@@ -413,7 +414,9 @@ def _check_label_spread(spec: TaskSpec, split: SplitSpec, examples: Sequence[Glu
                         source: PathLike) -> None:
     """Labels that cannot train or score: an STS-B dev split with one score only raises (Pearson and
     Spearman are undefined for it, and need two rows); a train split with one label only is logged
-    as a warning (the model can learn nothing but that label)."""
+    as a warning (the model can learn nothing but that label), and so is a dev split whose one class
+    makes the task's main metric constant (MCC always 0; F1 always 0 without a positive example),
+    since its evaluations then cannot pick the best checkpoint."""
     values = {e.label for e in examples}
     if not split.labelled or len(values) != 1:
         return
@@ -426,6 +429,10 @@ def _check_label_spread(spec: TaskSpec, split: SplitSpec, examples: Sequence[Glu
     if split.kind == "train":
         logger.warning("%s %s: all %d row(s) of %s have the label %s; the model can learn nothing but that label: "
                        "is this the right file?", spec.name, split.name, len(examples), source, shown)
+    elif spec.main_metric == "matthews_correlation" or (spec.main_metric == "f1" and value == 0):
+        logger.warning("%s %s: all %d row(s) of %s have the label %s; %s is 0 whatever the model predicts, so the "
+                       "evaluations cannot pick the best checkpoint: give the whole dev file", spec.name, split.name,
+                       len(examples), source, shown, spec.main_metric)
 
 
 def _as_int(value: object) -> int | None:
