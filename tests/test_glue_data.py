@@ -340,8 +340,8 @@ def test_stsb_dev_with_a_single_score_is_refused(tmp_path: Path, scores: list[st
     with pytest.raises(GlueDataError) as err:
         load_split("stsb", "validation", data_dir=tmp_path)
     assert str(err.value) == (f"stsb validation: all {len(scores)} row(s) of {path} have the score "
-                              f"{float(scores[0]):g}; Pearson and Spearman correlations need at least two different scores: "
-                              "give the whole dev file")
+                              f"{float(scores[0]):g}; Pearson and Spearman correlations need at least two "
+                              "different scores: give the whole dev file")
 
 
 class _Warnings(logging.Handler):
