@@ -188,9 +188,9 @@ def _read_file(spec: TaskSpec, split: SplitSpec, path: Path, skip_malformed: boo
 
 
 def _read_tsv(spec: TaskSpec, split: SplitSpec, path: Path, skip_malformed: bool) -> list[GlueExample]:
-    headerless = split.labelled and bool(spec.tsv.headerless_columns)
-    _refuse_empty_file(spec, split, path, f"{'' if headerless else 'a header row and '}one row per example, as in "
-                       f"the GLUE {spec.folder} files")
+    """A split from a TSV laid out as the GLUE download's file of that split."""
+    header = "" if _headerless(spec, split) else "a header row and "
+    _refuse_empty_file(spec, split, path, f"{header}one row per example, as in the GLUE {spec.folder} files")
     rows = _tsv_rows(spec, split, path)
     text_columns = (spec.tsv.text_a, spec.tsv.text_b)
     return _collect(spec, split, path, rows, skip_malformed, text_columns=text_columns, label_column=spec.tsv.label,
@@ -210,8 +210,7 @@ def _tsv_rows(spec: TaskSpec, split: SplitSpec, path: Path) -> Iterator[tuple[st
     """Rows of a GLUE TSV (quotes literal; header row unless the layout says there is none)."""
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        headerless = split.labelled and bool(spec.tsv.headerless_columns)
-        columns = list(spec.tsv.headerless_columns) if headerless else next(reader, [])
+        columns = list(spec.tsv.headerless_columns) if _headerless(spec, split) else next(reader, [])
         wanted = (spec.tsv.text_a, spec.tsv.text_b, spec.tsv.label if split.labelled else None)
         positions = [_column(path, columns, name, spec) for name in wanted]
         for row in reader:
@@ -222,6 +221,11 @@ def _tsv_rows(spec: TaskSpec, split: SplitSpec, path: Path) -> Iterator[tuple[st
                 yield where, _RawRow(problem=f"expected {len(columns)} tab-separated columns, got {len(row)}")
             else:
                 yield where, _RawRow(*(None if p is None else row[p] for p in positions))
+
+
+def _headerless(spec: TaskSpec, split: SplitSpec) -> bool:
+    """Whether the GLUE file of this split has no header row (CoLA's train and dev files)."""
+    return split.labelled and bool(spec.tsv.headerless_columns)
 
 
 def _csv_rows(spec: TaskSpec, split: SplitSpec, path: Path) -> Iterator[tuple[str, _RawRow]]:
@@ -334,6 +338,7 @@ def _no_examples(spec: TaskSpec, split: SplitSpec, path: Path, count: int, label
 
 
 def _no_labels(spec: TaskSpec, split: SplitSpec, path: Path, label_column: str) -> str:
+    """The message for a train or dev file without a label in any row, most likely a test file."""
     return (f"{spec.name} {split.name}: no row of {path} has a label in '{label_column}'; {split.kind} files need "
             "one in every row (test files have none: is this a test file?)")
 
