@@ -46,7 +46,9 @@ def initialize_engine(model: nn.Module, run: RunConfig):
 
     DeepSpeed creates the expert-parallel groups for every MoE layer here (ep_size from the
     model, which was built with the JSON's ``moe.ep_size``). DeepSpeed's bf16 optimizer gets
-    multi-tensor gradient norm and clipping (``widenet_ds.grad_norm``)."""
+    multi-tensor gradient norm and clipping (``widenet_ds.grad_norm``), and its checkpoint engine
+    reads every file through ``widenet_ds.safe_io.load_pt`` (``torch.load(weights_only=False)`` in
+    DeepSpeed would run code planted in a checkpoint)."""
     import deepspeed
 
     from .grad_norm import use_foreach_grad_norm
@@ -54,4 +56,16 @@ def initialize_engine(model: nn.Module, run: RunConfig):
     use_foreach_grad_norm()
     optimizer = build_optimizer(model, run.optimizer)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=run.deepspeed)
+    read_checkpoints_safely(engine)
     return engine, optimizer, scheduler
+
+
+def read_checkpoints_safely(engine) -> None:
+    """Route every read of DeepSpeed's checkpoint engine (model, expert, optimizer files) through the
+    safe loader. DeepSpeed makes all its checkpoint reads through ``engine.checkpoint_engine.load``."""
+    from .safe_io import load_pt
+
+    def load(path, map_location=None):
+        return load_pt(path, map_location=map_location)
+
+    engine.checkpoint_engine.load = load

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .checkpointing import (MARKER, RUNTIME_FIELDS, CheckpointError, complete_checkpoints, full_state_dict,
-                            read_marker)
+                            resolve_resume, verify_checkpoint)
 from .config import PRESETS, ConfigError, WideNetConfig
+from .safe_io import UnsafeFileError, load_pt
 from .upcycling import UPCYCLE_FIELDS, upcycle_albert_weights, widenet_config_from_albert
 
 PRESET_PREFIX = "preset:"
@@ -108,16 +108,29 @@ def _checkpoint(path: Path, num_labels: int, overrides: dict[str, Any]) -> Start
                               "ALBERT folder")
     if _is_deepspeed_tag(path):
         return _deepspeed(path, num_labels, overrides)
-    if complete_checkpoints(path):  # a checkpoints folder
-        return _deepspeed(complete_checkpoints(path)[-1], num_labels, overrides)
+    if complete_checkpoints(path):  # a checkpoints folder: its newest checkpoint that passes the checks
+        newest = resolve_resume("auto", path)
+        if newest is None:
+            raise CheckpointError(f"{path}: every complete checkpoint in it failed its checks (see the warnings)")
+        return _deepspeed(newest, num_labels, overrides)
     config_file = path / "config.json"
-    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    model_type = _read_json(config_file).get("model_type") if config_file.is_file() else None
     readers = {"widenet": _export, "albert": _albert}
     if model_type not in readers:
         raise CheckpointError(f"{path}: not a model folder this job reads (config.json model_type {model_type!r}); "
                               "expected a widenet export, a DeepSpeed checkpoint (with complete.json) or an "
                               "ALBERT folder")
     return readers[model_type](path, num_labels, overrides)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err}); the model folder is damaged") from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{file}: a model config must be a JSON object")
+    return found
 
 
 def _export(path: Path, num_labels: int, overrides: dict[str, Any]) -> Start:
@@ -146,7 +159,7 @@ def _is_deepspeed_tag(path: Path) -> bool:
 
 
 def _deepspeed(tag: Path, num_labels: int, overrides: dict[str, Any]) -> Start:
-    read_marker(tag)  # refuses a save that did not finish
+    verify_checkpoint(tag)  # refuses a save that did not finish, a damaged file, a pickle that runs code
     config = WideNetConfig.from_json_file(tag / "config.json")
     config.moe = {**config.moe, "ep_size": 1}  # the weights are gathered; the run's JSON sets its own ep_size
     weights = {k: v for k, v in full_state_dict(tag).items() if not k.startswith(_HEADS)}
@@ -179,8 +192,15 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
 
     files = sorted(folder.glob("*.safetensors"))
     if files:
-        return {k: v for file in files for k, v in load_file(file).items()}
+        try:
+            return {k: v for file in files for k, v in load_file(file).items()}
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"{folder}: cannot read its safetensors weights ({err}); the model folder is "
+                                  "damaged or incomplete") from None
     files = sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    return {k: v for file in files for k, v in torch.load(file, map_location="cpu", weights_only=True).items()}
+    try:
+        return {k: v for file in files for k, v in load_pt(file).items()}
+    except UnsafeFileError as err:
+        raise CheckpointError(str(err)) from None
