@@ -49,7 +49,7 @@ def test_invalid_config_lists_every_problem_at_once():
                                   moe={"ep_size": 4, "capacity_factor": -1.0})
     problems = "\n".join(err.value.problems)
     for needle in ("num_attention_heads (4) must divide hidden_size (30)", "hidden_act", "router_noise",
-                   "capacity_factor must be a number >= 0", "ep_size (4) must divide num_experts (6)"):
+                   "capacity_factor must be a number > 0", "ep_size (4) must divide num_experts (6)"):
         assert needle in problems
     assert len(err.value.problems) == 5
 

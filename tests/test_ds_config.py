@@ -26,7 +26,8 @@ def test_ds_configs_folder_has_the_promised_configs():
 def test_every_ds_config_is_valid_for_its_world(path):
     raw = json.loads(path.read_text())
     world = _world_for(raw)
-    run = load_run_config(path, world_size=world, cuda=True, max_steps=1000)
+    fixed = raw.get("scheduler", {}).get("params", {}).get("total_num_steps", "auto")  # the fine-tuning JSONs fix it
+    run = load_run_config(path, world_size=world, cuda=True, max_steps=1000 if fixed == "auto" else fixed)
     assert run.global_batch_size == run.deepspeed["train_batch_size"]
     assert sum(k in raw for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
                                   "gradient_accumulation_steps")) == 2, "two of the three batch keys"
@@ -35,7 +36,6 @@ def test_every_ds_config_is_valid_for_its_world(path):
     if run.zero_stage == 2:
         assert raw["zero_optimization"]["contiguous_gradients"] and raw["zero_optimization"]["reduce_scatter"]
     sched = run.deepspeed.get("scheduler", {}).get("params", {})
-    fixed = raw.get("scheduler", {}).get("params", {}).get("total_num_steps", "auto")  # the fine-tuning JSONs fix it
     assert sched.get("total_num_steps", 1000) == (1000 if fixed == "auto" else fixed)
 
 

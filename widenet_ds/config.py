@@ -14,6 +14,7 @@ Where settings live (DESIGN.md section 3):
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,10 @@ class ConfigError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"invalid {what} ({len(problems)} problem(s)):\n{lines}")
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _raise_if(what: str, problems: list[str]) -> None:
@@ -78,10 +83,14 @@ class MoESettings:
 
     def problems(self, source: str = "moe") -> list[str]:
         out = []
-        for name in ("capacity_factor", "eval_capacity_factor", "aux_loss_coef"):
+        for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                out.append(f"{source}.{name} must be a number >= 0, got {value!r}")
+            if not _finite_number(value) or value <= 0:
+                out.append(f"{source}.{name} must be a number > 0, got {value!r}: an expert keeps at most "
+                           "capacity_factor x top_k x tokens / experts routes, so even a uniform router would drop "
+                           "every route (all tokens skip the MoE); the paper uses 1.2")
+        if not _finite_number(self.aux_loss_coef) or self.aux_loss_coef < 0:
+            out.append(f"{source}.aux_loss_coef must be a number >= 0, got {self.aux_loss_coef!r}")
         for name, low in (("min_capacity", 0), ("ep_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -91,6 +100,19 @@ class MoESettings:
         if self.impl not in MOE_IMPLS:
             out.append(f"{source}.impl must be one of {MOE_IMPLS}, got {self.impl!r}")
         return out
+
+    def warnings(self, source: str = "moe") -> list[str]:
+        """Settings that run but drop many routes: with C < 1, even a perfectly uniform router
+        (every expert offered top_k x tokens / experts routes) overflows every expert's capacity of
+        C x top_k x tokens / experts and drops 1 - C of its routes."""
+        if not self.drop_tokens:
+            return []
+        return [f"{source}.{name} {value} drops routes even when the router is perfectly balanced: a uniform "
+                f"router would drop {1 - value:.0%} of them (they skip the MoE); the paper uses 1.2 (2.0 at "
+                "evaluation for SQuAD1.1)"
+                for name, value in (("capacity_factor", self.capacity_factor),
+                                    ("eval_capacity_factor", self.eval_capacity_factor))
+                if _finite_number(value) and 0 < value < 1]
 
 
 class WideNetConfig(PreTrainedConfig):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ class RunConfig:
     micro_batch_size: int  # sequences per rank per forward
     grad_accum: int  # forwards per optimizer step
     world_size: int  # ranks the batch keys were resolved for
+    notes: list[str] = field(default_factory=list)  # settings that run but likely not as meant: the jobs warn
 
     @property
     def global_batch_size(self) -> int:
@@ -102,7 +104,8 @@ def check_run_config(raw: dict[str, Any], source: str, world_size: int = 1, cuda
     optimizer = _check_optimizer(raw.get("optimizer"), engine, problems)
     _check_precision_and_zero(engine, cuda, problems)
     _check_parallel(moe, world_size, problems)
-    _resolve_scheduler(engine, max_steps, problems)
+    notes = moe.warnings("moe")
+    _resolve_scheduler(engine, max_steps, problems, notes)
     # DeepSpeed's throughput timer (on by default) synchronises the device when a forward starts and
     # when a step ends, twice per micro-batch: the GPU idles while the host queues the next work (seen in
     # the pretraining job's profile on an H200). The jobs measure their own throughput; a config that
@@ -111,7 +114,7 @@ def check_run_config(raw: dict[str, Any], source: str, world_size: int = 1, cuda
     nonfinite = _check_nonfinite(raw.get("nonfinite_loss", {}), problems)
     if problems:
         raise ConfigError(f"DeepSpeed config {source}", problems)
-    return RunConfig(source, engine, optimizer, moe, nonfinite, micro, accum, world_size)
+    return RunConfig(source, engine, optimizer, moe, nonfinite, micro, accum, world_size, notes)
 
 
 def _check_nonfinite(block: Any, problems: list[str]) -> dict[str, Any]:
@@ -165,15 +168,38 @@ def _check_optimizer(block: Any, engine: dict[str, Any], problems: list[str]) ->
         problems.append(f"optimizer must be {{\"type\": one of {OPTIMIZERS}, \"params\": {{...}}}}, got {block!r}")
         return {}
     params = block.get("params", {})
+    if not isinstance(params, dict):
+        problems.append(f"optimizer.params must be a JSON object, got {params!r}")
+        return {}
     unknown = sorted(set(params) - {"lr", "betas", "eps", "weight_decay"})
     if unknown:
         problems.append(f"optimizer.params: unknown key(s) {unknown} (known: lr, betas, eps, weight_decay)")
+    problems += _optimizer_value_problems(params)
     zero = engine.get("zero_optimization", {}).get("stage", 0)
     if block["type"] == "Lamb" and zero > 0 and not engine.get("zero_allow_untested_optimizer", False):
         problems.append("optimizer Lamb under ZeRO needs \"zero_allow_untested_optimizer\": true (DeepSpeed's "
                         "switch for optimizers it does not ship; the project's Lamb keeps a trust ratio per "
                         "tensor on ZeRO partitions)")
     return {"type": block["type"], "params": dict(params)}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optimizer_value_problems(params: dict[str, Any]) -> list[str]:
+    """Values no optimizer trains with: a learning rate that is not a positive number, betas outside [0, 1)."""
+    problems = []
+    if "lr" in params and not (_number(params["lr"]) and params["lr"] > 0):
+        problems.append(f"optimizer.params.lr must be a number > 0, got {params['lr']!r}")
+    betas = params.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+        problems.append(f"optimizer.params.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
+    if "eps" in params and not (_number(params["eps"]) and params["eps"] > 0):
+        problems.append(f"optimizer.params.eps must be a number > 0, got {params['eps']!r}")
+    if "weight_decay" in params and not (_number(params["weight_decay"]) and params["weight_decay"] >= 0):
+        problems.append(f"optimizer.params.weight_decay must be a number >= 0, got {params['weight_decay']!r}")
+    return problems
 
 
 def _check_precision_and_zero(engine: dict[str, Any], cuda: bool, problems: list[str]) -> None:
@@ -199,10 +225,32 @@ def _check_parallel(moe: MoESettings, world: int, problems: list[str]) -> None:
         problems.append(f"moe.ep_size {moe.ep_size} does not divide the {world} rank(s) of this run")
 
 
-def _resolve_scheduler(engine: dict[str, Any], max_steps: int | None, problems: list[str]) -> None:
+def _resolve_scheduler(engine: dict[str, Any], max_steps: int | None, problems: list[str], notes: list[str]) -> None:
+    """Fill ``"auto"`` steps with ``max_steps``; refuse a schedule that ends before the run or never warms up.
+
+    A decaying schedule (WarmupDecayLR, WarmupCosineLR) that ends before ``max_steps`` would run the
+    remaining steps at its final learning rate (0 by default): training that silently stops learning."""
     params = engine.get("scheduler", {}).get("params", {})
     if params.get("total_num_steps") == "auto":
         if max_steps is None:
             problems.append("scheduler.params.total_num_steps is \"auto\" but no --max_steps was given")
-        else:
-            params["total_num_steps"] = max_steps
+            return
+        params["total_num_steps"] = max_steps
+    for key in ("warmup_min_lr", "warmup_max_lr", "cos_min_ratio"):
+        if key in params and not (_number(params[key]) and params[key] >= 0):
+            problems.append(f"scheduler.params.{key} must be a number >= 0, got {params[key]!r}")
+    total = params.get("total_num_steps")
+    if total is None:
+        return
+    if not (isinstance(total, int) and not isinstance(total, bool) and total > 0):
+        problems.append(f"scheduler.params.total_num_steps must be a positive integer or \"auto\", got {total!r}")
+        return
+    if max_steps and total < max_steps:
+        problems.append(f"scheduler.params.total_num_steps is {total} but the run has {max_steps} steps: the "
+                        f"learning rate would reach its end value at step {total} and stay there for the remaining "
+                        f"{max_steps - total}; set total_num_steps to \"auto\" (the run's length) or to at least "
+                        f"{max_steps}")
+    warmup = params.get("warmup_num_steps", 0)
+    if _number(warmup) and warmup > total:
+        notes.append(f"scheduler.params.warmup_num_steps {warmup} is more than the run's {total} steps: the "
+                     "learning rate never reaches warmup_max_lr")

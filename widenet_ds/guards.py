@@ -36,19 +36,31 @@ class NonFiniteGuard:
         """Whether each micro-batch is checked before its backward (``should_skip``)."""
         return self.action == "skip"
 
-    def check_step(self, losses: list[torch.Tensor], step: int) -> None:
-        """'stop': raise if a loss of this step's micro-batches is NaN/inf on any rank (one host read)."""
+    def check_step(self, losses: list[torch.Tensor], step: int, stop_requested: bool = False) -> bool:
+        """'stop': raise if a loss of this step's micro-batches is NaN/inf on any rank (one host read).
+
+        Also returns whether any rank was asked to stop (``stop_requested``, a pre-emption signal): the
+        flag shares the NaN check's all-reduce, so every rank learns it at the same step."""
         losses_M = torch.stack([loss.detach().float().reshape(()) for loss in losses])
         bad_M = ~torch.isfinite(losses_M)
-        bad_ranks = bad_M.any().float().reshape(1)
+        flags = torch.stack([bad_M.any().float(), losses_M.new_tensor(float(stop_requested))])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad_ranks)
-        if bad_ranks.item() == 0:
-            return
+            dist.all_reduce(flags)
+        bad_ranks, stops = flags.tolist()
+        if bad_ranks == 0:
+            return stops > 0
         here = losses_M[bad_M][0].item() if bad_M.any() else "finite"
-        raise NonFiniteLossError(f"non-finite loss ({here} here) at step {step} on {int(bad_ranks.item())} rank(s); "
+        raise NonFiniteLossError(f"non-finite loss ({here} here) at step {step} on {int(bad_ranks)} rank(s); "
                                  "stopping (nonfinite_loss.action is 'stop'). Lower the learning rate or check the "
                                  "data, then resume from the last checkpoint")
+
+    @staticmethod
+    def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+        """Whether ``flag`` is set on any rank (an all-reduce in a distributed run)."""
+        value = torch.tensor([float(flag)], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(value)
+        return value.item() > 0
 
     def should_skip(self, loss: torch.Tensor, step: int) -> bool:
         """'skip': whether to drop this batch (on every rank alike); 'stop': ``check_step`` of this loss alone."""
