@@ -8,8 +8,43 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+
+class RankZeroError(RuntimeError):
+    """A check that rank 0 made for every rank failed; rank 0 raises (and reports) the original error."""
+
+
+def on_rank_zero(work: Callable[[], T], share_result: bool = True) -> T | None:
+    """Run ``work`` on rank 0 only and give its result to every rank (``share_result=False``: the
+    other ranks get None); if it raises, every rank raises (rank 0 the original error, the others
+    ``RankZeroError`` with its message), so all ranks stop alike.
+
+    For checks that read shared files (a checkpoint's checksums, the output folder) once instead of
+    once per rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return work()
+    outcome: list = [None]
+    error, result = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            result = work()
+            outcome = [(True, result if share_result else None)]
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+            error, outcome = err, [(False, str(err))]
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if torch.distributed.get_rank() == 0:
+        return result
+    ok, value = outcome[0]
+    if not ok:
+        raise RankZeroError(value)
+    return value
 
 
 def free_port() -> int:

@@ -1,0 +1,45 @@
+"""How the entry points in ``launch/`` end: a mistake a user can fix is one message, not a traceback.
+
+Errors of bad input (a config, a data file, a checkpoint, the output folder) are printed once, by
+rank 0, as ``error: <what is wrong, where, what to do>``, and the process exits with status 1. Set
+``WIDENET_DS_DEBUG=1`` to get the Python traceback instead (on every rank).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+DEBUG_VARIABLE = "WIDENET_DS_DEBUG"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that report a user's mistake (each message says what to fix)."""
+    from .checkpointing import CheckpointError
+    from .config import ConfigError
+    from .data import CacheError, CorpusError, TokenizerError
+    from .distributed import RankZeroError
+    from .glue import GlueDataError
+    from .guards import NonFiniteLossError
+    from .run_dir import OutputDirError
+    from .safe_io import UnsafeFileError
+
+    return (ConfigError, CheckpointError, CorpusError, TokenizerError, CacheError, GlueDataError, OutputDirError,
+            UnsafeFileError, NonFiniteLossError, RankZeroError)
+
+
+def main(entry: Callable[[], Any]) -> Any:
+    """Call ``entry``; report a user error as one line on rank 0 and exit 1 (see the module docstring)."""
+    if os.environ.get(DEBUG_VARIABLE) == "1":
+        return entry()
+    try:
+        return entry()
+    except user_errors() as err:
+        from .distributed import RankZeroError
+        from .metrics_log import is_main_process
+
+        if is_main_process() and not isinstance(err, RankZeroError):
+            print(f"error: {err}\n(set {DEBUG_VARIABLE}=1 for the traceback)", file=sys.stderr, flush=True)
+        sys.exit(1)
