@@ -7,7 +7,8 @@
     python launch/glue_table.py collect runs/glue
 """
 
-from widenet_ds.glue_grid import main
+from widenet_ds import glue_grid
+from widenet_ds.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(glue_grid.main)

@@ -7,7 +7,8 @@
 See ``python launch/pretrain.py --help`` and README.md.
 """
 
+from widenet_ds.cli import main
 from widenet_ds.pretrain import run
 
 if __name__ == "__main__":
-    run()
+    main(run)

@@ -25,7 +25,6 @@ import itertools
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,22 +36,27 @@ import torch.distributed as dist
 
 from . import model_sources
 from .config import ConfigError, WideNetConfig
-from .distributed import distributed_session, init_distributed
+from .distributed import distributed_session, init_distributed, on_rank_zero
 from .ds_config import RunConfig, load_run_config
 from .expert_sharding import expert_parallel_rank, to_global_experts, to_local_experts
-from .glue import TaskSpec, collate, compute_metrics, encode, get_task, load_split, write_split_submission
+from .glue import (TaskSpec, collate, compute_metrics, describe_task_columns, encode, get_task, load_split,
+                   write_split_submission)
 from .guards import NonFiniteGuard
-from .metrics_log import MetricsWriter, get_logger, is_main_process
+from .metrics_log import MetricsWriter, is_main_process, start_run_log
 from .modeling import WideNetForSequenceClassification
-from .training import (REPO_ROOT, MetricWindow, StepProfiler, add_compile_argument, add_launcher_arguments,
-                       add_profile_argument, check_cuda_graphs, check_profile_steps, compile_if_asked, parse_overrides,
-                       train_step, write_run_record)
+from .run_dir import OutputDirLock, claim_output_dir, mark_finished, replace_folder
+from .training import (REPO_ROOT, HelpFormatter, MetricWindow, StepProfiler, add_compile_argument,
+                       add_launcher_arguments, add_output_arguments, add_profile_argument, at_least, check_cuda_graphs,
+                       check_profile_steps, compile_if_asked, parse_overrides, positive_float, train_step,
+                       write_run_record)
 
 log = logging.getLogger(__name__)
+JOB = "finetune_glue"  # recorded in run.json: another job refuses this output folder
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Fine-tune WideNet / ALBERT / BERT on a GLUE task with DeepSpeed.")
+    p = argparse.ArgumentParser(description="Fine-tune WideNet / ALBERT / BERT on a GLUE task with DeepSpeed.",
+                                formatter_class=HelpFormatter, epilog=describe_task_columns())
     data = p.add_argument_group("data (default: the hub's nyu-mll/glue)")
     data.add_argument("--task", required=True, help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli")
     data.add_argument("--data_dir", help="a folder in the GLUE download layout (MNLI/dev_matched.tsv ...)")
@@ -62,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--split_file", action="append", default=[], metavar="SPLIT=PATH",
                       help="a file for any other split, e.g. validation_mismatched=dev_mm.jsonl (repeatable)")
     data.add_argument("--skip_malformed", action="store_true", help="skip (and count) malformed rows")
-    data.add_argument("--max_seq_length", type=int, default=512)
+    data.add_argument("--max_seq_length", type=at_least(2), default=512,
+                      help="longest input in tokens, special tokens included (at most the model's positions)")
     model = p.add_argument_group("model")
     model.add_argument("--model_name_or_path", required=True,
                        help="preset:NAME, a pretraining export, a DeepSpeed checkpoint, or an ALBERT folder")
@@ -70,17 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                        help="a model-config field, e.g. hidden_dropout_prob=0.1 or (upcycling) num_experts=8")
     model.add_argument("--model_label", help="the model's name in result tables (default: --model_name_or_path)")
-    add_compile_argument(model)
+    add_compile_argument(model, f"A compiled run pads each batch to a multiple of {COMPILED_PAD_MULTIPLE} tokens "
+                                "(a few shapes, each compiled once)")
     run = p.add_argument_group("run")
-    run.add_argument("--output_dir", help="default: runs/glue/<task>")
-    run.add_argument("--max_steps", type=int, help="optimizer steps (default: the JSON's total_num_steps)")
-    run.add_argument("--epochs", type=float, help="train this many epochs instead of --max_steps")
-    run.add_argument("--seed", type=int, default=42)
-    run.add_argument("--eval_every", type=int, default=1000, help="steps between dev evaluations (and at the end)")
-    run.add_argument("--eval_batch_size", type=int, help="default: the JSON's micro-batch size")
-    run.add_argument("--log_every", type=int, default=10)
+    run.add_argument("--output_dir", help="best model, results, submission files, metrics (default: runs/glue/<task>)")
+    add_output_arguments(run, resumable=False)
+    run.add_argument("--max_steps", type=at_least(1), help="optimizer steps (default: the JSON's total_num_steps)")
+    run.add_argument("--epochs", type=positive_float, help="train this many epochs instead of --max_steps")
+    run.add_argument("--seed", type=int, default=42, help="seeds the classifier's initialisation and the data order")
+    run.add_argument("--eval_every", type=at_least(0), default=1000,
+                     help="steps between dev evaluations (0: only at the end)")
+    run.add_argument("--eval_batch_size", type=at_least(1), help="default: the JSON's micro-batch size")
+    run.add_argument("--log_every", type=at_least(1), default=10, help="steps between metric records")
     add_profile_argument(run)
-    add_launcher_arguments(p, run)
+    add_launcher_arguments(run, "ds_configs/finetune_<task>.json")
     return p
 
 
@@ -100,6 +108,7 @@ class Job:
     engine: Any = None
     metrics: MetricsWriter | None = None
     best: dict[str, Any] = field(default_factory=dict)  # step, score, metrics, state (this rank's weights, CPU)
+    lock: OutputDirLock | None = None  # held by rank 0 while the job runs
 
 
 # --- setup ---------------------------------------------------------------------------------
@@ -131,6 +140,9 @@ def load_tokenizer(args: argparse.Namespace):
     path = args.tokenizer or model_sources.tokenizer_dir_for(args.model_name_or_path)
     if path is None:
         raise ConfigError("command line", [f"no tokenizer saved with {args.model_name_or_path}: pass --tokenizer"])
+    if not Path(path).is_dir():
+        raise ConfigError("command line", [f"--tokenizer {path}: no such folder (give the folder holding "
+                                           "tokenizer.json / tokenizer_config.json)"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -149,7 +161,7 @@ def resolve_run(path: str | Path, world: int, max_steps: int | None, epochs: flo
     ``total_num_steps`` fixes the length: the learning-rate schedule (warmup, decay) is made for it.
     """
     cuda = torch.cuda.is_available()
-    run = load_run_config(path, world, cuda, max_steps=max_steps or 0)
+    run = load_run_config(path, world, cuda, max_steps=max_steps or 1)  # read for its batch size only
     if max_steps is None and epochs is not None:
         max_steps = max(1, math.ceil(epochs * num_train / run.global_batch_size))
     fixed = json.loads(Path(path).read_text()).get("scheduler", {}).get("params", {}).get("total_num_steps")
@@ -180,12 +192,10 @@ def build_model(start: model_sources.Start, config: WideNetConfig, run: RunConfi
 
 def setup(args: argparse.Namespace) -> Job:
     """Check the inputs, load and encode the data, build the model and the engine."""
-    from transformers import set_seed
-
-    get_logger()  # rank-aware console logging for every widenet_ds module
-    from .engine import initialize_engine
-
+    init_distributed()
+    start_run_log()  # rank-aware console logging for every widenet_ds module
     task = get_task(args.task)
+    output_dir = Path(args.output_dir or f"runs/glue/{task.name}")
     examples = load_data(task, args)
     missing = [name for name in ("train", task.dev_splits[0]) if name not in examples]
     if missing:
@@ -197,27 +207,43 @@ def setup(args: argparse.Namespace) -> Job:
         raise ConfigError("command line", [f"--max_seq_length {args.max_seq_length} is longer than the model's "
                                            f"max_position_embeddings {start.config.max_position_embeddings}"])
     ds_config = args.deepspeed_config or REPO_ROOT / "ds_configs" / f"finetune_{task.name}.json"
-    run, max_steps = resolve_run(ds_config, int(os.environ.get("WORLD_SIZE", "1")), args.max_steps, args.epochs,
+    run, max_steps = resolve_run(ds_config, dist.get_world_size(), args.max_steps, args.epochs,
                                  len(examples["train"]))
+    for note in run.notes:
+        log.warning("%s", note)
     check_cuda_graphs(args.compile, run)
     check_profile_steps(args.profile, max_steps)
     config = start.config.with_moe_settings(run.moe)
     if not task.is_regression:
         config.id2label = dict(enumerate(task.label_names))
         config.label2id = {name: i for i, name in enumerate(task.label_names)}
+    lock = on_rank_zero(lambda: claim_output_dir(output_dir, JOB, resuming=False,
+                                                 overwrite=args.overwrite_output_dir), share_result=False)
+    try:
+        return _build(args, task, run, max_steps, start, config, tokenizer, examples, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(args: argparse.Namespace, task: TaskSpec, run: RunConfig, max_steps: int, start: model_sources.Start,
+           config: WideNetConfig, tokenizer, examples: dict[str, list], lock: OutputDirLock | None) -> Job:
+    """Encode the data, build the model and the engine, open the metrics (the output folder is claimed)."""
+    from transformers import set_seed
+
+    from .engine import initialize_engine
+
     output_dir = Path(args.output_dir or f"runs/glue/{task.name}")
     features = {split: encode(rows, tokenizer, args.max_seq_length) for split, rows in examples.items()}
     indices = {split: [row.idx for row in rows] for split, rows in examples.items()}
-
-    init_distributed()
     set_seed(args.seed)
-    job = Job(args, task, run, config, output_dir, tokenizer, max_steps, features, indices)
+    job = Job(args, task, run, config, output_dir, tokenizer, max_steps, features, indices, lock=lock)
     model = compile_if_asked(build_model(start, config, run, args.seed), args.compile)
     job.engine, _, _ = initialize_engine(model, run)
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
     job.metrics = MetricsWriter(output_dir)
-    write_run_record(output_dir, config, run, args)
+    job.metrics.write_event({"event": "start", "step": 0})
+    write_run_record(output_dir, config, run, args, job=JOB)
     log.info("%s: %d train examples, %d steps of %d sequences, from %s (%s)", task.name, len(examples["train"]),
              max_steps, run.global_batch_size, start.source, start.kind)
     return job
@@ -365,8 +391,9 @@ def export_best(job: Job, weights: dict[str, torch.Tensor], logits: dict[str, np
     config.moe = {**config.moe, "ep_size": 1}
     model = WideNetForSequenceClassification(config)
     model.load_state_dict({k: v.float() for k, v in weights.items()})
-    model.save_pretrained(job.output_dir / "best")
-    job.tokenizer.save_pretrained(job.output_dir / "best")
+    with replace_folder(job.output_dir / "best") as folder:  # never half a model: a kill mid-write keeps the old
+        model.save_pretrained(folder)
+        job.tokenizer.save_pretrained(folder)
     results = {"task": job.task.name, "model": job.args.model_label or job.args.model_name_or_path,
                "seed": job.args.seed, "best_step": job.best["step"], **job.best["metrics"]}
     (job.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
@@ -392,9 +419,15 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Setup, fit, test predictions; returns the best evaluation. Leaves the process group open, so
     that several runs can share it (``run`` closes it; re-creating a multi-rank group is racy)."""
     job = setup(args)
-    best = fit(job)
-    predict_test(job)
-    job.metrics.close()
+    try:
+        best = fit(job)
+        predict_test(job)
+        job.metrics.write_event({"event": "finished", "step": job.max_steps})
+        job.metrics.close()
+        mark_finished(job.output_dir)
+    finally:
+        if job.lock is not None:
+            job.lock.release()
     return {k: v for k, v in best.items() if k != "state"}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from . import finetune
 from .distributed import close_distributed
 from .glue import GlueDataError, TaskSpec, get_task, results_table
 from .metrics_log import is_main_process
+from .run_dir import is_finished
+
+log = logging.getLogger(__name__)
 
 RESULTS_FILE = "eval_results.json"
 
@@ -113,16 +117,23 @@ def _is_number(value: object) -> bool:
 
 def run_grid(models: list[str], tasks: list[str], seeds: list[int], output_dir: str | Path,
              finetune_args: list[str]) -> list[Path]:
-    """Fine-tune every model (``LABEL=PATH`` or ``PATH``) on every task with every seed; returns the run folders."""
+    """Fine-tune every model (``LABEL=PATH`` or ``PATH``) on every task with every seed; returns the run folders.
+
+    A cell whose run finished before (its run.json says so) is kept and not run again, so an interrupted
+    grid continues where it stopped; a cell with an unfinished run is refused by the fine-tuning job
+    unless ``--overwrite_output_dir`` is passed on."""
     folders = []
     try:  # one process group for all runs
         for model, task, seed in itertools.product(models, tasks, seeds):
             label, _, path = model.partition("=") if "=" in model else (model, "", model)
             folder = Path(output_dir) / re.sub(r"[^\w.-]+", "_", label) / get_task(task).name / f"seed{seed}"
+            folders.append(folder)
+            if is_finished(folder):
+                log.info("%s: finished before, kept", folder)
+                continue
             finetune.finetune(finetune.build_parser().parse_args([
                 "--task", task, "--model_name_or_path", path, "--model_label", label, "--seed", str(seed),
                 "--output_dir", str(folder), *finetune_args]))
-            folders.append(folder)
     finally:
         close_distributed()
     return folders

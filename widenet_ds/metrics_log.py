@@ -18,15 +18,58 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class _TqdmAwareHandler(logging.StreamHandler):
+    """Writes log lines through ``tqdm.write`` so that they start on a line of their own, not glued to
+    the end of a progress bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class WarningRecorder(logging.Handler):
+    """Keeps every warning the package logs, so that the run's ``metrics.jsonl`` records them
+    (``MetricsWriter`` writes those from before it existed, then each new one)."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.records: list[dict[str, Any]] = []
+        self.writer: MetricsWriter | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        entry = {"event": "warning", "logger": record.name, "message": record.getMessage()}
+        if self.writer is not None:
+            self.writer.write_event(entry)
+        else:
+            self.records.append(entry)
+
+
+_recorder = WarningRecorder()
+
+
+def start_run_log() -> logging.Logger:
+    """``get_logger()`` at the start of a job: the warnings kept for its metrics.jsonl start empty."""
+    _recorder.records.clear()
+    _recorder.writer = None
+    return get_logger()
+
+
 def get_logger(name: str = "widenet_ds") -> logging.Logger:
     """A logger under the package's own, which speaks on rank 0 only (warnings and errors from every
-    rank); configuring the package logger once makes every ``widenet_ds.*`` module's log visible."""
+    rank); configuring the package logger once makes every ``widenet_ds.*`` module's log visible.
+    Warnings are also kept for the run's ``metrics.jsonl`` (``WarningRecorder``)."""
     root = logging.getLogger("widenet_ds")
-    if not root.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _TqdmAwareHandler) for h in root.handlers):
+        handler = _TqdmAwareHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
         root.propagate = False
+    if _recorder not in root.handlers:
+        root.addHandler(_recorder)
     root.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     return logging.getLogger(name)
 
@@ -53,6 +96,16 @@ class MetricsWriter:
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            for entry in _recorder.records:  # the warnings of the run's setup
+                self.write_event(entry)
+            _recorder.records.clear()
+            _recorder.writer = self
+
+    def write_event(self, entry: dict[str, Any]) -> None:
+        """One record that is not a step's metrics (``{"event": ...}``: a warning, a resume, a stop)."""
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({k: _plain(v) for k, v in entry.items()}) + "\n")
 
     def write(self, record: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
@@ -66,5 +119,7 @@ class MetricsWriter:
                 self.tensorboard.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
+        if _recorder.writer is self:
+            _recorder.writer = None
         if self.tensorboard is not None:
             self.tensorboard.close()

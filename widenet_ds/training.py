@@ -26,12 +26,64 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _WINDOW_FIELDS = ("loss", "mlm_loss", "sop_loss", "task_loss", "aux_loss", "expert_counts", "dropped_fraction")
 
 
-def add_launcher_arguments(parser: argparse.ArgumentParser, group) -> None:
-    """``--local_rank`` (appended by the deepspeed launcher) and DeepSpeed's ``--deepspeed_config``."""
-    import deepspeed
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows each option's default, except where there is none (None, a flag's False)."""
 
-    group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    deepspeed.add_config_arguments(parser)
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.default == [] or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def at_least(low: int):
+    """argparse type: an integer >= ``low`` (e.g. ``at_least(1)`` for a number of steps)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: an integer >= {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a number > 0")
+    return value
+
+
+def add_output_arguments(group, resumable: bool) -> None:
+    """``--overwrite_output_dir`` and, for a job that can be pre-empted and resumed, ``--preempt_grace``."""
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="start again in an output_dir that holds an earlier run: deletes that run's checkpoints "
+                            "and records first (without it such a folder is refused"
+                            + (", and --resume auto continues the run there)" if resumable else ")"))
+    if resumable:
+        from .preemption import DEFAULT_GRACE_S
+
+        group.add_argument("--preempt_grace", type=positive_float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                           help="on SIGTERM or SIGUSR1 (a scheduler's warning before it kills the job) finish the "
+                                "step, save a checkpoint and exit 0; exit 1 if that takes longer than this")
+
+
+def add_launcher_arguments(group, default_config: str) -> None:
+    """``--deepspeed_config``, ``--local_rank`` (appended by the deepspeed launcher) and ``--deepspeed``
+    (DeepSpeed's examples pass it; the JSON is always used). DeepSpeed's ``add_config_arguments`` is
+    not used: it adds the deprecated ``--deepscale*`` options too."""
+    group.add_argument("--deepspeed_config", metavar="JSON", default=None,
+                       help=f"the DeepSpeed JSON: engine, batch, optimizer, scheduler and the moe block "
+                            f"(default: {default_config})")
+    group.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
 
 
 def compile_variant(text: str) -> str:
@@ -45,15 +97,15 @@ def compile_variant(text: str) -> str:
     return text
 
 
-def add_compile_argument(group) -> None:
-    """``--compile SCOPE[:SETTING...]``: ``torch.compile`` the model (widenet_ds.modeling.compile_model)."""
+def add_compile_argument(group, padding: str) -> None:
+    """``--compile SCOPE[:SETTING...]``: ``torch.compile`` the model (widenet_ds.modeling.compile_model);
+    ``padding`` says how the job pads a compiled model's batches."""
     group.add_argument("--compile", default="none", type=compile_variant, metavar="SCOPE[:SETTING...]",
                        help="torch.compile the model: 'model' (one graph; on a GPU the fastest, see "
                             "benchmarks/README.md), 'blocks', 'parts' or 'none'; settings after the scope: a "
                             "torch.compile mode, e.g. 'model:reduce-overhead' (CUDA graphs: the least host time "
-                            "per step), and/or Inductor options name[=value]. A compiled pretraining run pads "
-                            "every batch to --max_seq_length (one shape). The first steps compile (about a "
-                            "minute); parameter and checkpoint names do not change")
+                            f"per step), and/or Inductor options name[=value]. {padding}. The first steps compile "
+                            "(about a minute); parameter and checkpoint names do not change")
 
 
 def check_cuda_graphs(variant: str, run: RunConfig) -> None:
@@ -116,13 +168,14 @@ def git_hash() -> str:
         return "unknown"
 
 
-def write_run_record(output_dir: Path, config: WideNetConfig, run: RunConfig, args: argparse.Namespace) -> None:
-    """The resolved model config, DeepSpeed config and git hash, in output_dir (rank 0)."""
+def write_run_record(output_dir: Path, config: WideNetConfig, run: RunConfig, args: argparse.Namespace,
+                     job: str) -> None:
+    """The resolved model config, DeepSpeed config, the job's name and the git hash, in output_dir (rank 0)."""
     if not is_main_process():
         return
     config.to_json_file(output_dir / "model_config.json", use_diff=False)
     (output_dir / "ds_config.json").write_text(json.dumps(run.to_dict(), indent=2))
-    record = {"git": git_hash(), "args": {k: v for k, v in vars(args).items() if k != "deepspeed"},
+    record = {"job": job, "git": git_hash(), "args": {k: v for k, v in vars(args).items() if k != "deepspeed"},
               "world_size": run.world_size, "precision": run.precision, "zero_stage": run.zero_stage,
               "optimizer": run.optimizer["type"],
               "lamb_trust_ratio": "per parameter tensor (widenet_ds.optim.Lamb)"
@@ -188,12 +241,15 @@ class MetricWindow:
         return record
 
 
-def train_step(engine, batches, grad_accum: int, window: MetricWindow, guard: NonFiniteGuard, step: int) -> None:
+def train_step(engine, batches, grad_accum: int, window: MetricWindow, guard: NonFiniteGuard, step: int,
+               stop_requested: bool = False) -> bool:
     """One optimizer step: ``grad_accum`` forward/backward passes (DeepSpeed steps at the boundary).
 
     A NaN/inf loss on any rank stops the run before the optimizer step, or its batch is skipped before
-    backward (``guard``; stopping reads the losses once per step, skipping once per micro-batch)."""
-    done, losses = 0, []
+    backward (``guard``; stopping reads the losses once per step, skipping once per micro-batch).
+    Returns whether any rank was asked to stop (``stop_requested``: a pre-emption signal), agreed by
+    every rank at this step."""
+    done, losses, stop = 0, [], False
     while done < grad_accum:
         start = time.perf_counter()
         batch = next(batches)
@@ -206,10 +262,11 @@ def train_step(engine, batches, grad_accum: int, window: MetricWindow, guard: No
         if not guard.checks_each_batch:
             losses.append(out.loss.detach().clone())  # a copy: the next CUDA-graph replay overwrites out.loss
             if done == grad_accum - 1:
-                guard.check_step(losses, step)
+                stop = guard.check_step(losses, step, stop_requested)
         engine.step()
         window.add(out, tokens, batch)
         done += 1
+    return guard.any_rank(stop_requested, engine.device) if guard.checks_each_batch else stop
 
 
 def profile_steps(text: str) -> tuple[int, int]:

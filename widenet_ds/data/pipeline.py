@@ -80,15 +80,14 @@ class PretrainingData:
 
 
 def _rank_zero_first(work: Callable[[], T]) -> T:
-    """Run ``work`` on rank 0, then on the other ranks (which find its results on disk)."""
-    if not dist.is_initialized():
+    """Run ``work`` on rank 0, then on the other ranks (which find its results on disk). If rank 0's
+    work raises, every rank raises (``on_rank_zero``) instead of the others waiting for it forever."""
+    from ..distributed import on_rank_zero
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return work()
-    if dist.get_rank() != 0:
-        dist.barrier()
-        return work()
-    result = work()
-    dist.barrier()
-    return result
+    result = on_rank_zero(work, share_result=False)
+    return result if dist.get_rank() == 0 else work()
 
 
 def _module_docstrings(root: Path) -> Iterator[tuple[Path, str]]:
@@ -176,8 +175,9 @@ def prepare_pretraining_data(args: argparse.Namespace, output_dir: str | Path,
     check_masking(args.masked_lm_prob, args.max_ngram)
     corpus = _corpus(args, output_dir)
     tokenizer, tokenizer_dir = _rank_zero_first(lambda: _tokenizer(args, corpus, output_dir))
+    verify = not dist.is_initialized() or dist.get_rank() == 0  # the other ranks reuse what rank 0 verified
     cache = _rank_zero_first(lambda: build_pretraining_cache(corpus, tokenizer, output_dir / "data_cache", config,
-                                                             args.num_proc))
+                                                             args.num_proc, verify=verify))
     # a compiled model gets one batch shape (a new length would compile again, and record another
     # CUDA graph): every batch padded to max_seq_length, as BERT's own pretraining data
     static = getattr(args, "compile", "none") != "none"
