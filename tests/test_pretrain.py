@@ -44,7 +44,14 @@ def _launch(args: list[str], ranks: int = 1, timeout: int = 240) -> subprocess.C
 
 
 def _records(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    """The metric records of metrics.jsonl (not its events: start, resume, warnings)."""
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "event" not in r]
+
+
+def _events(output_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "event" in r]
 
 
 def _fast_config(tmp_path: Path, name: str) -> Path:
