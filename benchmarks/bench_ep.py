@@ -1,11 +1,11 @@
 """Expert-parallel scaling: training steps of a WideNet preset under the DeepSpeed engine with
 ep_size = world size, each rank its own batch (weak scaling), against the same on one GPU.
 
-    python benchmarks/bench_ep.py --ep_size 1 --out r1.json                      # 1 GPU
-    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 2 --impl grouped --init /tmp/job/final \
-        --batches runs/bench_data/text-s512-b32.pt --out r2g.json               # from a trained router
-    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 2 --out r2.json      # 2 GPUs, ep 2
-    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 1 --out r2dp.json    # 2 GPUs, data parallel only
+    python benchmarks/bench_ep.py --ep_size 1 --out runs/benchmarks/ep1.json                  # 1 GPU
+    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 2 --out runs/benchmarks/ep2.json  # 2 GPUs, ep 2
+    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 1 --out runs/benchmarks/dp2.json  # 2 GPUs, data parallel
+    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 2 --impl grouped --init runs/job/final \
+        --batches runs/bench_data/text-s512-b32.pt --out runs/benchmarks/ep2-grouped.json   # from a trained router
 
 Scaling efficiency = (tokens/s per GPU with N GPUs) / (tokens/s on one GPU). ``--smoke`` runs
 the debug preset on CPU (gloo) for a check without a GPU.
@@ -59,9 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "world-th one from the r-th; default a fixed random batch per rank")
     p.add_argument("--init", type=Path, metavar="DIR",
                    help="start from an exported pretraining model (launch/pretrain.py's output_dir/final, all "
-                        "experts; each rank keeps its own): a trained router keeps ~1.9 of 2 routes per token where "
+                        "experts; each rank keeps its own): a trained router keeps nearly all of its routes where "
                         "a fresh one drops some, which flatters the grouped experts (they skip dropped routes)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="result JSON (rank 0 writes), e.g. runs/benchmarks/ep2.json")
     p.add_argument("--smoke", action="store_true", help="debug preset on CPU, 2 steps")
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args(argv)

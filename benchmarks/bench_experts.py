@@ -2,7 +2,7 @@
 bias + activation kernels (widenet_ds/modeling/fused_act.py) against the unfused ops, at a trained
 router's load (every expert ~1/E of the kept routes, groups padded to 16 rows as the packing does).
 
-    python benchmarks/bench_experts.py --out benchmarks/results/NAME.json
+    python benchmarks/bench_experts.py --out runs/benchmarks/experts.json
     TRITON_INTERPRET=1 python benchmarks/bench_experts.py --smoke --out /tmp/smoke.json   # CPU (the test)
 
 Writes, per variant, the time of forward + backward and its TFLOP/s (the three matmuls of each FFN
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=64 * 512, help="tokens of one micro-batch")
     p.add_argument("--routes_per_token", type=float, default=1.91, help="kept routes (a trained router: ~1.91)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (3 measurements)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="result JSON, e.g. runs/benchmarks/experts.json")
     p.add_argument("--smoke", action="store_true", help="debug preset, 64 tokens, CPU (set TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
     if args.smoke:

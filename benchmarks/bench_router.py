@@ -1,8 +1,8 @@
 """The router of one MoE layer alone, forward + backward, compiled, on one GPU: fp32 logits of bf16
-activations (E = 4) and top-2 choices, as before (fp32 ``F.linear`` + ``torch.topk``), as the gate
-does now (``gate.router_logits`` + ``gate.top_k_choices``), and candidate formulations.
+activations (E = 4) and top-2 choices: the plain formulation (fp32 ``F.linear`` + ``torch.topk``, the
+reference), the gate's (``gate.router_logits`` + ``gate.top_k_choices``), and candidate formulations.
 
-    python benchmarks/bench_router.py --out benchmarks/results/NAME.json
+    python benchmarks/bench_router.py --out runs/benchmarks/router.json
     python benchmarks/bench_router.py --smoke --out /tmp/router.json   # CPU, 512 tokens (the test)
 
 Each variant: softmax of the logits, top-2 choices, their gates, a loss of the gates and of the mean
@@ -30,7 +30,7 @@ from widenet_ds.modeling.gate import router_logits, top_k_choices  # noqa: E402
 from bench_experts import kernel_table, time_calls  # noqa: E402  (this folder)
 
 
-def linear_logits(x, w):  # the gate before session 8
+def linear_logits(x, w):  # reference: an fp32 matmul over an fp32 copy of the activations
     return F.linear(x.float(), w.float())
 
 
@@ -38,7 +38,7 @@ def per_expert_logits(x, w):  # candidate: one sum per expert (Inductor fuses th
     return torch.stack([(x.float() * w[e].float()).sum(-1) for e in range(w.shape[0])], dim=-1)
 
 
-def torch_topk(scores, k):  # the gate before session 8
+def torch_topk(scores, k):  # reference: a selection kernel and a sort
     return torch.topk(scores, k, dim=-1).indices
 
 
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (5 measurements)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="result JSON, e.g. runs/benchmarks/router.json")
     p.add_argument("--smoke", action="store_true", help="512 tokens on the CPU, 2 calls")
     args = p.parse_args(argv)
     if args.smoke:

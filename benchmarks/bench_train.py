@@ -5,12 +5,12 @@ Three tables, one run (see benchmarks/README.md for the formula and the flags):
 - train: full training steps (forward, backward, optimizer step) under the DeepSpeed engine
   (bf16, AdamW) for each preset x sequence length x MoE impl x compile variant x ZeRO variant;
 - hf: Hugging Face ``AlbertForPreTraining`` (sdpa, bf16, plain torch AdamW) on the same shapes;
-- stack: the encoder stack alone (DESIGN.md section 4), MoE vs the shared dense stack,
+- stack: the encoder stack alone (hidden 768, 12 shared blocks), MoE vs the shared dense stack,
   forward + backward, as time per model FLOP relative to the dense stack.
 
 MFU = model FLOPs per step / step time / the measured bf16 matmul ceiling (8192^3).
 
-    python benchmarks/bench_train.py                      # everything eager, every MoE impl
+    python benchmarks/bench_train.py                      # everything eager, every MoE impl (to runs/benchmarks)
     python benchmarks/bench_train.py --compile model --breakdown   # compiled, with phase times
     python benchmarks/bench_train.py --smoke              # CPU, debug shapes, 2 steps (the test)
 """
@@ -51,7 +51,7 @@ ZERO_VARIANTS = ("0", "1", "2", "0:fp32", "1:fp32", "2:fp32")
 MLM_HEADS = ("masked", "all")
 MASK_PROB = 0.15
 PRESET_NAMES = ("albert-base", "bert-base", "widenet-base-e4", "widenet-base-e8")
-# The encoder stacks of DESIGN.md section 4: hidden 768, 12 shared blocks, FFN 3072.
+# The encoder stacks of the stack table: hidden 768, 12 shared blocks, FFN 3072.
 STACKS = {
     "dense": dict(num_experts=1, top_k=1),
     "moe-e4-top2": dict(num_experts=4, top_k=2),
@@ -142,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="write a torch.profiler kernel table per configuration")
     p.add_argument("--matmul_n", type=int, default=8192, help="size of the bf16 matmul that sets the ceiling")
     p.add_argument("--name", default=None, help="results file stem (default: device and time)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks",
+                   help="results folder (default runs/benchmarks, git-ignored)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU check of the script: debug-size presets, seq 16, batch 2, 1+2 steps")
     args = p.parse_args(argv)
@@ -648,7 +649,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     per_step = f", {accum} micro-batches per step" if accum > 1 else ""
     for table, title in (("train", f"Full training step (DeepSpeed engine, {optimizer}{per_step})"),
                          ("hf", f"Hugging Face AlbertForPreTraining (sdpa, torch AdamW{per_step})"),
-                         ("stack", "Encoder stack only, forward + backward (DESIGN.md section 4)")):
+                         ("stack", "Encoder stack only, forward + backward")):
         chosen = [r for r in rows if r.table == table]
         if not chosen:
             continue

@@ -1,7 +1,7 @@
 """Pretraining batches of real text for the benchmark (``bench_train.py --batches FILE``).
 
 The benchmark's default batch is one fixed batch of random ids: the router then learns that one
-batch and drifts (1.3-1.6 of 2 routes kept per token), which moves the FLOPs it counts. Batches
+batch and drifts (it drops routes), which moves the FLOPs it counts. Batches
 made here go through the pretraining job's own data path (SentencePiece tokenizer trained on the
 text, SOP instances, dynamic n-gram masking, ``mlm_positions``), padded to one length, and are
 saved as one tensor file that the GPU machine loads with torch alone:

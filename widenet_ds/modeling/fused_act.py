@@ -12,8 +12,8 @@ one expert's: the packing starts each expert's group at a multiple of 16 rows.
 ``bias_act`` is a custom op (``torch.library.custom_op``, with its shapes for tracing and its
 backward): torch.compile keeps it as one call, CUDA graphs capture it. It runs where Triton runs
 (CUDA; the CPU under ``TRITON_INTERPRET=1``, as the tests do); ``fused_bias_act_runs`` says where.
-Measured on an H200 (benchmarks/bench_experts.py): 213 + 386 us per expert layer of 64 x 512
-tokens against 309 + 393 + 134 us unfused. Shape suffixes as in fast_moe.py.
+Measured with benchmarks/bench_experts.py (benchmarks/reports/moe_experts_h200_202611.md).
+Shape suffixes as in fast_moe.py.
 """
 
 from __future__ import annotations

@@ -64,10 +64,9 @@ def router_logits(x_SD: Tensor, weight_ED: Tensor) -> Tensor:
     Compiled, as a multiply and a sum over D: Inductor fuses the products into reductions over
     the bf16 activations as they are (forward one kernel, backward a reduction and a pointwise
     kernel), where an fp32 matmul with E output columns is three memory-bound cuBLAS calls on an
-    fp32 copy of the activations, kept for the backward. 1.2-1.4% of a widenet-base-e4 step and
-    1 GiB of peak memory at 8 x 64 x 512 on an H200 (benchmarks/README.md, eighth round). Both
-    compute fp32 products of the same values; sums may differ in order. (A compiler without
-    Inductor's fusion would make the (S, E, D) products.)
+    fp32 copy of the activations, kept for the backward (measured gain:
+    benchmarks/reports/router_h200_202611.md). Both compute fp32 products of the same values; sums
+    may differ in order. (A compiler without Inductor's fusion would make the (S, E, D) products.)
     """
     if torch.compiler.is_compiling():
         return (x_SD.float()[:, None, :] * weight_ED.float()[None, :, :]).sum(-1)
