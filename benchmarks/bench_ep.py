@@ -25,17 +25,24 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# this folder: the same ZeRO variants, batches and MLM head as the train table
+from bench_train import (  # noqa: E402
+    MLM_HEADS,
+    ZERO_VARIANTS,
+    batch_feed,
+    load_init,
+    load_text_batches,
+    zero_settings,
+)
+
 from widenet_ds import WideNetConfig, WideNetForPreTraining  # noqa: E402
 from widenet_ds.distributed import close_distributed, init_distributed  # noqa: E402
-from widenet_ds.ds_config import check_run_config  # noqa: E402
-from widenet_ds.engine import initialize_engine  # noqa: E402
-from widenet_ds.expert_sharding import expert_parallel_rank, to_local_experts  # noqa: E402
-from widenet_ds.flops import kept_routes  # noqa: E402
+from widenet_ds.engine.build import initialize_engine  # noqa: E402
+from widenet_ds.engine.ds_config import check_run_config  # noqa: E402
+from widenet_ds.engine.expert_sharding import expert_parallel_rank, to_local_experts  # noqa: E402
+from widenet_ds.jobs.args import compile_variant
 from widenet_ds.modeling import compile_model  # noqa: E402
-from widenet_ds.training import compile_variant  # noqa: E402
-
-# this folder: the same ZeRO variants, batches and MLM head as the train table
-from bench_train import MLM_HEADS, ZERO_VARIANTS, batch_feed, load_init, load_text_batches, zero_settings  # noqa: E402
+from widenet_ds.modeling.flops import kept_routes  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

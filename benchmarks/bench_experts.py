@@ -31,6 +31,7 @@ from widenet_ds import WideNetConfig  # noqa: E402
 from widenet_ds.modeling import BatchedExperts, FeedForward, fused_act  # noqa: E402
 from widenet_ds.modeling.fast_moe import bias_act_ops, packed_slots  # noqa: E402
 from widenet_ds.modeling.layers import ACTIVATION_FNS  # noqa: E402
+
 TILES = [(256, 256), (128, 256), (512, 256), (256, 128), (256, 512)]  # (BLOCK_N, STRIP_M)
 
 

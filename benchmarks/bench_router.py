@@ -25,9 +25,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from widenet_ds.modeling.gate import router_logits, top_k_choices  # noqa: E402
-
 from bench_experts import kernel_table, time_calls  # noqa: E402  (this folder)
+
+from widenet_ds.modeling.gate import router_logits, top_k_choices  # noqa: E402
 
 
 def linear_logits(x, w):  # reference: an fp32 matmul over an fp32 copy of the activations

@@ -37,15 +37,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from benchmarks.text_batches import KEYS as TEXT_KEYS  # noqa: E402
 from widenet_ds import PRESETS, WideNetConfig, WideNetForPreTraining, WideNetModel  # noqa: E402
 from widenet_ds.config import MOE_IMPLS  # noqa: E402
 from widenet_ds.data.pretraining import num_to_predict  # noqa: E402
-from widenet_ds.ds_config import check_run_config  # noqa: E402
-from widenet_ds.flops import forward_flops, kept_routes  # noqa: E402
-from benchmarks.text_batches import KEYS as TEXT_KEYS  # noqa: E402
-from widenet_ds.modeling import (COMPILE_SCOPES, combine_aux_loss, compile_model, compile_settings,  # noqa: E402
-                                 fast_moe)
-from widenet_ds.training import check_cuda_graphs, compile_variant  # noqa: E402
+from widenet_ds.engine.compile import check_cuda_graphs
+from widenet_ds.engine.ds_config import check_run_config  # noqa: E402
+from widenet_ds.jobs.args import compile_variant
+from widenet_ds.modeling import (  # noqa: E402
+    COMPILE_SCOPES,
+    combine_aux_loss,
+    compile_model,
+    compile_settings,
+    fast_moe,
+)
+from widenet_ds.modeling.flops import forward_flops, kept_routes  # noqa: E402
 
 ZERO_VARIANTS = ("0", "1", "2", "0:fp32", "1:fp32", "2:fp32")
 MLM_HEADS = ("masked", "all")
@@ -132,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(a timed step is all of them and one optimizer step; ds_configs/pretrain_1gpu.json "
                         "accumulates 64)")
     p.add_argument("--optimizer", default="AdamW", choices=["AdamW", "Lamb"],
-                   help="train table: the engine's optimizer (Lamb: widenet_ds.optim.Lamb, as the pretraining configs)")
+                   help="train table: the engine's optimizer (Lamb: widenet_ds.engine.optim.Lamb, as the pretraining configs)")
     p.add_argument("--init", type=Path, metavar="DIR",
                    help="train table: start the WideNet/ALBERT/BERT rows from this exported model (launch/pretrain.py's "
                         "output_dir/final) instead of fresh weights: the router's load and the weights of a run in "
@@ -345,7 +351,7 @@ def zero_settings(variant: str) -> dict[str, Any]:
     """DeepSpeed JSON keys of a ZeRO variant 'stage[:fp32]' (fp32: gradients accumulated in fp32)."""
     stage, _, accumulate = variant.partition(":")
     zero = {"stage": int(stage)}
-    if stage == "2":  # what widenet_ds.ds_config requires of ZeRO 2 with MoE
+    if stage == "2":  # what widenet_ds.engine.ds_config requires of ZeRO 2 with MoE
         zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=True)
     return {"zero_optimization": zero, **({"data_types": {"grad_accum_dtype": accumulate}} if accumulate else {})}
 
@@ -426,7 +432,7 @@ def apply_compile(model: torch.nn.Module, variant: str) -> None:
 def bench_widenet(measure: Measure, preset: str, impl: str, seq: int, variant: str, zero: str,
                   mlm_head: str = "masked") -> Row:
     """Full training steps under the DeepSpeed engine."""
-    from widenet_ds.engine import initialize_engine
+    from widenet_ds.engine.build import initialize_engine
 
     args, device = measure.args, measure.device
     init = args.init_model

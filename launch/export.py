@@ -10,8 +10,8 @@ The destination must be a new or empty folder (``--overwrite`` replaces an earli
 import argparse
 from pathlib import Path
 
-from widenet_ds.checkpointing import export_to_folder
-from widenet_ds.cli import main
+from widenet_ds.engine.checkpointing import export_to_folder
+from widenet_ds.jobs.cli import main
 
 
 def export(argv: list[str] | None = None) -> Path:

@@ -8,8 +8,8 @@
 See ``python launch/finetune_glue.py --help`` and README.md.
 """
 
-from widenet_ds.cli import main
-from widenet_ds.finetune import run
+from widenet_ds.jobs.cli import main
+from widenet_ds.jobs.finetune import run
 
 if __name__ == "__main__":
     main(run)

@@ -7,8 +7,8 @@
     python launch/glue_table.py collect runs/glue
 """
 
-from widenet_ds import glue_grid
-from widenet_ds.cli import main
+from widenet_ds.jobs import glue_grid
+from widenet_ds.jobs.cli import main
 
 if __name__ == "__main__":
     main(glue_grid.main)

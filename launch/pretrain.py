@@ -7,8 +7,8 @@
 See ``python launch/pretrain.py --help`` and README.md.
 """
 
-from widenet_ds.cli import main
-from widenet_ds.pretrain import run
+from widenet_ds.jobs.cli import main
+from widenet_ds.jobs.pretrain import run
 
 if __name__ == "__main__":
     main(run)

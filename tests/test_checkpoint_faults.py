@@ -3,8 +3,15 @@ keeps the newest complete ones."""
 
 import pytest
 
-from widenet_ds.checkpointing import (CheckpointError, complete_checkpoints, prune_checkpoints, read_marker,
-                                      resolve_resume, tag_for, write_marker)
+from widenet_ds.engine.checkpointing import (
+    CheckpointError,
+    complete_checkpoints,
+    prune_checkpoints,
+    read_marker,
+    resolve_resume,
+    tag_for,
+    write_marker,
+)
 
 
 def _fake_checkpoint(root, step, complete=True):

@@ -9,8 +9,16 @@ from data.english import DOCUMENTS
 from data.helpers import make_tokenizer, write_book
 
 from widenet_ds.config import ConfigError
-from widenet_ds.data import (CacheError, Corpus, CorpusError, CorpusFormat, PreprocessConfig, PretrainingDataset,
-                             create_instances, build_pretraining_cache)
+from widenet_ds.data import (
+    CacheError,
+    Corpus,
+    CorpusError,
+    CorpusFormat,
+    PreprocessConfig,
+    PretrainingDataset,
+    build_pretraining_cache,
+    create_instances,
+)
 from widenet_ds.data import cache as cache_module
 from widenet_ds.data.dataset import split_files
 

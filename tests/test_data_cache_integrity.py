@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from data.helpers import make_tokenizer, write_book
 
-from widenet_ds.data import (CacheError, Corpus, CorpusFormat, PreprocessConfig, PretrainingDataset,
-                             build_pretraining_cache)
+from widenet_ds.data import (
+    CacheError,
+    Corpus,
+    CorpusFormat,
+    PreprocessConfig,
+    PretrainingDataset,
+    build_pretraining_cache,
+)
 from widenet_ds.data import cache as cache_module
 from widenet_ds.data.dataset import META_FILE, SPLITS, split_files
 

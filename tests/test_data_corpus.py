@@ -12,7 +12,14 @@ from data.english import DOCUMENTS, albert_text, book_text, write_jsonl
 from data.helpers import fixture_documents
 
 from widenet_ds.config import ConfigError
-from widenet_ds.data import Corpus, CorpusError, CorpusFormat, HubSource, check_sources, split_sentences
+from widenet_ds.data import (
+    Corpus,
+    CorpusError,
+    CorpusFormat,
+    HubSource,
+    check_sources,
+    split_sentences,
+)
 
 
 def test_split_sentences_keeps_abbreviations_initials_and_quotes_together():

@@ -7,8 +7,15 @@ import pytest
 import torch
 from data.helpers import make_tokenizer, write_book
 
-from widenet_ds.data import (IGNORE_INDEX, Corpus, PreprocessConfig, PretrainingCollator, ResumableDistributedSampler,
-                             make_pretraining_dataloader, build_pretraining_cache)
+from widenet_ds.data import (
+    IGNORE_INDEX,
+    Corpus,
+    PreprocessConfig,
+    PretrainingCollator,
+    ResumableDistributedSampler,
+    build_pretraining_cache,
+    make_pretraining_dataloader,
+)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from data.helpers import fixture_documents, make_tokenizer
 
-from widenet_ds.data import IGNORE_INDEX, PretrainingCollator, create_instances, mask_tokens, select_masked_spans
+from widenet_ds.data import (
+    IGNORE_INDEX,
+    PretrainingCollator,
+    create_instances,
+    mask_tokens,
+    select_masked_spans,
+)
 from widenet_ds.data.pretraining import ngram_probabilities, num_to_predict
 
 

@@ -9,7 +9,13 @@ from data.english import all_sentences
 from data.helpers import VOCAB_SIZE, fixture_documents, make_tokenizer, write_book
 from transformers import AutoTokenizer
 
-from widenet_ds.data import Corpus, CorpusError, TokenizerError, load_tokenizer, train_tokenizer
+from widenet_ds.data import (
+    Corpus,
+    CorpusError,
+    TokenizerError,
+    load_tokenizer,
+    train_tokenizer,
+)
 from widenet_ds.data.tokenizer import SPECIAL_PIECES, normalize_text
 
 

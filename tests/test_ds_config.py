@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from widenet_ds.config import ConfigError, MoESettings
-from widenet_ds.ds_config import check_run_config, load_run_config
+from widenet_ds.engine.ds_config import check_run_config, load_run_config
 
 DS_CONFIGS = sorted((Path(__file__).parent.parent / "ds_configs").glob("*.json"))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from widenet_ds import ConfigError, WideNetConfig, WideNetForPreTraining
-from widenet_ds.engine import build_optimizer, param_groups
+from widenet_ds.engine.build import build_optimizer, param_groups
 
 
 def test_param_groups_split_experts_and_exempt_biases_and_norms_from_decay():
@@ -41,8 +41,8 @@ def test_both_optimizers_train_the_model(kind):
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_lamb_under_the_deepspeed_engine(zero_stage):
     from widenet_ds.distributed import close_distributed, init_distributed
-    from widenet_ds.ds_config import check_run_config
-    from widenet_ds.engine import initialize_engine
+    from widenet_ds.engine.build import initialize_engine
+    from widenet_ds.engine.ds_config import check_run_config
 
     raw = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
            "optimizer": {"type": "Lamb", "params": {"lr": 1e-2, "weight_decay": 0.01}},
@@ -71,8 +71,8 @@ def test_the_engine_does_not_synchronise_the_device_for_its_throughput_timer(mon
     from deepspeed.accelerator import get_accelerator
 
     from widenet_ds.distributed import close_distributed, init_distributed
-    from widenet_ds.ds_config import check_run_config
-    from widenet_ds.engine import initialize_engine
+    from widenet_ds.engine.build import initialize_engine
+    from widenet_ds.engine.ds_config import check_run_config
 
     calls = []
     accelerator = type(get_accelerator())
@@ -100,7 +100,7 @@ def test_the_engine_does_not_synchronise_the_device_for_its_throughput_timer(mon
 def test_foreach_grad_norm_and_clipping_equal_deepspeeds():
     from deepspeed.runtime import utils as ds_utils
 
-    from widenet_ds import grad_norm
+    from widenet_ds.engine import grad_norm
 
     grad_norm.use_foreach_grad_norm()
     deepspeed_norm = grad_norm._DEEPSPEED["get_global_norm_of_tensors"]
@@ -124,10 +124,10 @@ def test_the_bf16_engine_steps_alike_with_deepspeeds_and_the_foreach_grad_norm(m
     from deepspeed.runtime import bf16_optimizer
     from deepspeed.runtime import utils as ds_utils
 
-    from widenet_ds import grad_norm
     from widenet_ds.distributed import close_distributed, init_distributed
-    from widenet_ds.ds_config import check_run_config
-    from widenet_ds.engine import initialize_engine
+    from widenet_ds.engine import grad_norm
+    from widenet_ds.engine.build import initialize_engine
+    from widenet_ds.engine.ds_config import check_run_config
 
     raw = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.05,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}, "bf16": {"enabled": True},
@@ -170,7 +170,7 @@ def test_the_bf16_engine_steps_alike_with_deepspeeds_and_the_foreach_grad_norm(m
 
 
 def test_immediate_grad_update_keeps_no_gradient_between_micro_batches_and_trains_alike():
-    """What CUDA graphs need with gradient accumulation (widenet_ds.training.check_cuda_graphs): DeepSpeed's bf16
+    """What CUDA graphs need with gradient accumulation (widenet_ds.engine.compile.check_cuda_graphs): DeepSpeed's bf16
     optimizer with ``immediate_grad_update`` (ds_configs/pretrain_1gpu.json) moves each gradient into its fp32
     buffer during backward, so no ``param.grad`` outlives a micro-batch (a CUDA-graph replay would overwrite it);
     the default keeps them. Both reach the same weights: 2 steps of 2 micro-batches, clipping active."""
@@ -178,9 +178,9 @@ def test_immediate_grad_update_keeps_no_gradient_between_micro_batches_and_train
     from pathlib import Path
 
     from widenet_ds.distributed import close_distributed, init_distributed
-    from widenet_ds.ds_config import check_run_config
-    from widenet_ds.engine import initialize_engine
-    from widenet_ds.training import check_cuda_graphs
+    from widenet_ds.engine.build import initialize_engine
+    from widenet_ds.engine.compile import check_cuda_graphs
+    from widenet_ds.engine.ds_config import check_run_config
 
     shipped = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "pretrain_1gpu.json").read_text())
     ids = torch.randint(5, 500, (2, 4, 16), generator=torch.Generator().manual_seed(0))

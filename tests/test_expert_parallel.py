@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from widenet_ds import WideNetConfig, WideNetForPreTraining
 from widenet_ds.distributed import close_distributed, free_port, init_distributed
-from widenet_ds.expert_sharding import local_expert_range, to_local_experts
+from widenet_ds.engine.expert_sharding import local_expert_range, to_local_experts
 from widenet_ds.modeling import GatherMOELayer, compile_model, fast_moe
 from widenet_ds.modeling import gate as gate_module
 

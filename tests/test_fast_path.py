@@ -18,11 +18,27 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from widenet_ds import ConfigError, MoESettings, WideNetConfig, WideNetForPreTraining
-from widenet_ds.modeling import (BatchedExperts, FeedForward, GatherMOELayer, compile_model, compile_settings,
-                                 top_k_route, top_k_route_fast, uses_cuda_graphs)
-from widenet_ds.modeling import fast_moe
-from widenet_ds.modeling.fast_moe import (_Combine, _Dispatch, _ExpertLinear, _GroupedLinear, _RowBias,
-                                          grouped_mm_is_fast, received_packing, route_maps)
+from widenet_ds.modeling import (
+    BatchedExperts,
+    FeedForward,
+    GatherMOELayer,
+    compile_model,
+    compile_settings,
+    fast_moe,
+    top_k_route,
+    top_k_route_fast,
+    uses_cuda_graphs,
+)
+from widenet_ds.modeling.fast_moe import (
+    _Combine,
+    _Dispatch,
+    _ExpertLinear,
+    _GroupedLinear,
+    _RowBias,
+    grouped_mm_is_fast,
+    received_packing,
+    route_maps,
+)
 
 
 def _route_args(tokens, experts, k, capacity, pad):
@@ -256,7 +272,7 @@ def test_compile_settings_name_every_unknown_piece():
 
 
 def test_a_bad_compile_setting_stops_the_command_line():
-    from widenet_ds.pretrain import build_parser
+    from widenet_ds.jobs.pretrain import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--compile", "model:cudagraphs"])

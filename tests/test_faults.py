@@ -15,13 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from data.english import book_text, write_jsonl
 from glue_fixtures import GLUE_FILES, write_glue_layout
-from widenet_ds.checkpointing import (CheckpointError, complete_checkpoints, export_to_folder, resolve_resume,
-                                      verify_checkpoint)
+
 from widenet_ds.config import ConfigError
-from widenet_ds.pretrain import run
+from widenet_ds.engine.checkpointing import (
+    CheckpointError,
+    complete_checkpoints,
+    export_to_folder,
+    resolve_resume,
+    verify_checkpoint,
+)
+from widenet_ds.jobs.pretrain import run
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -124,8 +129,8 @@ def test_deepspeeds_own_checkpoint_reads_go_through_the_safe_loader(trained, tmp
     """Even a file the checks never saw (DeepSpeed reads every file through its checkpoint engine)."""
     from widenet_ds import WideNetConfig, WideNetForPreTraining
     from widenet_ds.distributed import close_distributed, init_distributed
-    from widenet_ds.ds_config import load_run_config
-    from widenet_ds.engine import initialize_engine
+    from widenet_ds.engine.build import initialize_engine
+    from widenet_ds.engine.ds_config import load_run_config
     from widenet_ds.safe_io import UnsafeFileError
 
     marker = tmp_path / "PWNED"
@@ -281,7 +286,7 @@ def test_a_fresh_start_never_overwrites_a_run(trained, tmp_path):
 
 
 def test_pretraining_and_fine_tuning_never_share_a_folder(tmp_path):
-    from widenet_ds.run_dir import OutputDirError, prepare_output_dir
+    from widenet_ds.jobs.run_dir import OutputDirError, prepare_output_dir
 
     folder = tmp_path / "glue"
     folder.mkdir()
@@ -296,7 +301,7 @@ def test_pretraining_and_fine_tuning_never_share_a_folder(tmp_path):
 
 
 def test_a_second_job_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, caplog):
-    from widenet_ds.run_dir import LOCK, OutputDirError, OutputDirLock
+    from widenet_ds.jobs.run_dir import LOCK, OutputDirError, OutputDirLock
 
     folder = tmp_path / "run"
     with OutputDirLock(folder, "pretrain"):
@@ -306,7 +311,7 @@ def test_a_second_job_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(
 
     sleeper = subprocess.Popen(["sleep", "30"])
     try:  # a live process on this host holds it
-        from widenet_ds.run_dir import _process_start
+        from widenet_ds.jobs.run_dir import _process_start
 
         (folder / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid,
                                                "start": _process_start(sleeper.pid), "job": "pretrain"}))
@@ -514,8 +519,8 @@ def test_sigterm_to_the_deepspeed_launcher_saves_every_rank_and_resumes_exactly(
 
 
 def test_a_grid_keeps_finished_cells_and_epochs_0_is_refused(tmp_path, monkeypatch):
-    from widenet_ds import finetune, glue_grid
-    from widenet_ds.run_dir import mark_finished
+    from widenet_ds.jobs import finetune, glue_grid
+    from widenet_ds.jobs.run_dir import mark_finished
 
     done = tmp_path / "grid" / "m" / "mrpc" / "seed1"
     done.mkdir(parents=True)

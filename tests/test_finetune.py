@@ -17,14 +17,26 @@ import torch
 from glue_fixtures import EXPECTED, GLUE_FILES, tiny_tokenizer, write_glue_layout
 from transformers import AlbertConfig, AlbertForPreTraining, AutoTokenizer
 
-from widenet_ds import WideNetConfig, WideNetForPreTraining, WideNetForSequenceClassification, checkpointing
+from widenet_ds import (
+    WideNetConfig,
+    WideNetForPreTraining,
+    WideNetForSequenceClassification,
+)
 from widenet_ds.config import ConfigError
 from widenet_ds.distributed import close_distributed, free_port, init_distributed
-from widenet_ds.ds_config import load_run_config
-from widenet_ds.engine import initialize_engine
-from widenet_ds.finetune import resolve_run, run
-from widenet_ds.glue import GlueDataError, collate, compute_metrics, encode, get_task, load_split
-from widenet_ds.glue_grid import main as glue_table
+from widenet_ds.engine import checkpointing
+from widenet_ds.engine.build import initialize_engine
+from widenet_ds.engine.ds_config import load_run_config
+from widenet_ds.glue import (
+    GlueDataError,
+    collate,
+    compute_metrics,
+    encode,
+    get_task,
+    load_split,
+)
+from widenet_ds.jobs.finetune import resolve_run, run
+from widenet_ds.jobs.glue_grid import main as glue_table
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "ds_configs" / "finetune_cpu_smoke.json"

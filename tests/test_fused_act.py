@@ -59,7 +59,7 @@ def _check_kernels():
 def _check_model():
     """A grouped WideNet in bf16 with the fused kernel against the batched experts (unfused): loss and
     every gradient, bf16 rounding apart; the kernel ran once per block, each way."""
-    from test_fast_path import _bf16_run, _batch, _models
+    from test_fast_path import _batch, _bf16_run, _models
 
     from widenet_ds import MoESettings
     from widenet_ds.modeling import fast_moe

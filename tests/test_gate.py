@@ -10,7 +10,12 @@ import pytest
 import torch
 from deepspeed.moe.sharded_moe import top2gating, topkgating
 
-from widenet_ds.modeling import WideNetGate, expert_capacity, load_balance_loss, top_k_route
+from widenet_ds.modeling import (
+    WideNetGate,
+    expert_capacity,
+    load_balance_loss,
+    top_k_route,
+)
 from widenet_ds.modeling.gate import router_logits, top_k_choices
 
 

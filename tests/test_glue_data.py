@@ -9,7 +9,13 @@ from pathlib import Path
 
 import datasets
 import pytest
-from glue_fixtures import EXPECTED, GLUE_FILES, MNLI_HEADER, STSB_HEADER, write_glue_layout
+from glue_fixtures import (
+    EXPECTED,
+    GLUE_FILES,
+    MNLI_HEADER,
+    STSB_HEADER,
+    write_glue_layout,
+)
 
 from widenet_ds.glue import TASKS, GlueDataError, GlueExample, load_glue, load_split
 

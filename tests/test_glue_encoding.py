@@ -90,7 +90,7 @@ def test_a_compiled_fine_tuning_pads_to_a_few_lengths(tokenizer: PreTrainedToken
     import argparse
     from types import SimpleNamespace
 
-    from widenet_ds.finetune import batch_collator
+    from widenet_ds.jobs.finetune import batch_collator
 
     features = encode(EXPECTED[("mrpc", "train")], tokenizer, max_length=128)
     longest = max(len(f["input_ids"]) for f in features)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from widenet_ds.glue import GlueDataError
-from widenet_ds.glue_grid import collect_results, main
+from widenet_ds.jobs.glue_grid import collect_results, main
 
 
 def _result(folder: Path, text: str | None = None, **fields) -> Path:

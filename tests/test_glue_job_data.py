@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from glue_fixtures import GLUE_FILES, MNLI_HEADER, write_glue_layout
 
-from widenet_ds.finetune import run
 from widenet_ds.glue import GlueDataError
+from widenet_ds.jobs.finetune import run
 
 
 def _refused(argv: list[str], out: Path) -> str:

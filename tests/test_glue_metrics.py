@@ -7,7 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from widenet_ds.glue import TASKS, compute_dev_metrics, compute_metrics, predictions_from_logits
+from widenet_ds.glue import (
+    TASKS,
+    compute_dev_metrics,
+    compute_metrics,
+    predictions_from_logits,
+)
 
 PRED = [1, 1, 0, 0, 1, 0, 1, 1]
 GOLD = [1, 0, 0, 0, 1, 1, 1, 1]

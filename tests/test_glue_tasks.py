@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from widenet_ds.glue import TASKS, GlueDataError, describe_task_columns, get_task, load_split
+from widenet_ds.glue import (
+    TASKS,
+    GlueDataError,
+    describe_task_columns,
+    get_task,
+    load_split,
+)
 
 SUBMISSION_FILES = {
     "cola": ["CoLA.tsv"], "sst2": ["SST-2.tsv"], "mrpc": ["MRPC.tsv"], "stsb": ["STS-B.tsv"], "qqp": ["QQP.tsv"],

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from widenet_ds.config import ConfigError
-from widenet_ds.ds_config import check_run_config
-from widenet_ds.guards import NonFiniteGuard, NonFiniteLossError
+from widenet_ds.engine.ds_config import check_run_config
+from widenet_ds.engine.guards import NonFiniteGuard, NonFiniteLossError
 
 FINITE, NAN, INF = torch.tensor(2.5), torch.tensor(float("nan")), torch.tensor(float("inf"))
 
@@ -61,7 +61,7 @@ def test_a_bad_loss_on_one_rank_stops_every_rank(tmp_path):
     script.write_text(textwrap.dedent("""
         import torch
         from widenet_ds.distributed import close_distributed, init_distributed
-        from widenet_ds.guards import NonFiniteGuard, NonFiniteLossError
+        from widenet_ds.engine.guards import NonFiniteGuard, NonFiniteLossError
         init_distributed()
         rank = torch.distributed.get_rank()
         outcomes = []

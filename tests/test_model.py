@@ -4,10 +4,21 @@ and the Hugging Face integration."""
 import pytest
 import torch
 from deepspeed.moe.layer import MoE
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+)
 
-from widenet_ds import (MoESettings, WideNetConfig, WideNetForMaskedLM, WideNetForPreTraining,
-                        WideNetForSequenceClassification, WideNetModel)
+from widenet_ds import (
+    MoESettings,
+    WideNetConfig,
+    WideNetForMaskedLM,
+    WideNetForPreTraining,
+    WideNetForSequenceClassification,
+    WideNetModel,
+)
 
 
 def _batch(config, batch=3, length=12, pad_last=4):

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from data.english import book_text, write_jsonl
 from multinode import netns
-from widenet_ds.checkpointing import complete_checkpoints
+
+from widenet_ds.engine.checkpointing import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"

@@ -1,4 +1,4 @@
-"""LAMB (widenet_ds.optim.Lamb): the paper's update per tensor, and a trust ratio per layer under every
+"""LAMB (widenet_ds.engine.optim.Lamb): the paper's update per tensor, and a trust ratio per layer under every
 DeepSpeed wrapper (flat bf16 master weights, ZeRO partitions across ranks), which a LAMB that takes
 the norm of the tensor it is handed does not have (one ratio per group or per partition)."""
 
@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from widenet_ds import WideNetConfig, WideNetForPreTraining
 from widenet_ds.distributed import close_distributed, free_port, init_distributed
-from widenet_ds.optim import Lamb, _pieces
+from widenet_ds.engine.optim import Lamb, _pieces
 
 LR, BETAS, EPS, WD = 0.1, (0.9, 0.999), 1e-6, 0.01
 
@@ -104,8 +104,8 @@ def _engine_step_ratios(raw, lr):
     """One training step of the debug WideNet under the engine; per parameter tensor,
     ||w_after - w_before|| / (lr * ||w_before||) (LAMB: 1 for every layer), and the number of tensors
     that are not zero (biases start at zero)."""
-    from widenet_ds.ds_config import check_run_config
-    from widenet_ds.engine import initialize_engine
+    from widenet_ds.engine.build import initialize_engine
+    from widenet_ds.engine.ds_config import check_run_config
 
     run = check_run_config(raw, "test", world_size=int(os.environ.get("WORLD_SIZE", 1)))
     config = WideNetConfig.from_preset("debug").with_moe_settings(run.moe)
@@ -184,8 +184,8 @@ def test_layers_cut_across_zero2_partitions_of_two_ranks_keep_their_trust_ratio(
 def test_lamb_state_survives_a_deepspeed_checkpoint(tmp_path):
     """bf16, ZeRO 1 + fp32 accumulation (pretrain_1gpu.json's settings): two steps, save, then one more
     step in the same engine and in a fresh engine that loaded the checkpoint: the same weights."""
-    from widenet_ds.ds_config import check_run_config
-    from widenet_ds.engine import initialize_engine
+    from widenet_ds.engine.build import initialize_engine
+    from widenet_ds.engine.ds_config import check_run_config
 
     run = check_run_config(_lamb_config("bf16+fp32-accumulation", 1, 1e-2), "test", world_size=1)
     config = WideNetConfig.from_preset("debug").with_moe_settings(run.moe)
@@ -222,7 +222,7 @@ def test_the_state_of_another_optimizer_is_refused_with_what_to_do():
     params[0].grad = torch.randn(3)
     adamw.step()
     lamb = Lamb(params)
-    with pytest.raises(ValueError, match="not written by widenet_ds.optim.Lamb.*resume with the optimizer that wrote it"):
+    with pytest.raises(ValueError, match="not written by widenet_ds.engine.optim.Lamb.*resume with the optimizer that wrote it"):
         lamb.load_state_dict(adamw.state_dict())
     own = Lamb([torch.nn.Parameter(torch.randn(3))])
     own.param_groups[0]["params"][0].grad = torch.randn(3)

@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from data.english import book_text, write_jsonl
+
 from widenet_ds import WideNetConfig, WideNetForPreTraining
-from widenet_ds.checkpointing import CheckpointError, complete_checkpoints, full_state_dict
 from widenet_ds.config import ConfigError
 from widenet_ds.data import CorpusError
-from widenet_ds.pretrain import run
+from widenet_ds.engine.checkpointing import (
+    CheckpointError,
+    complete_checkpoints,
+    full_state_dict,
+)
+from widenet_ds.jobs.pretrain import run
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -298,7 +302,7 @@ def test_a_full_disk_during_save_fails_loudly_and_keeps_the_previous_checkpoint(
         assert result.returncode != 0
         assert "is the disk full?" in result.stderr and "step_00000002, is intact" in result.stderr
         assert [c.name for c in complete_checkpoints(checkpoints)] == ["step_00000002"]
-        from widenet_ds.checkpointing import resolve_resume
+        from widenet_ds.engine.checkpointing import resolve_resume
 
         newest = resolve_resume("auto", checkpoints)
         assert newest.name == "step_00000002" and "widenet.embeddings.word_embeddings.weight" in full_state_dict(newest)
@@ -351,7 +355,7 @@ def test_the_metric_window_keeps_its_own_copy_of_a_steps_outputs():
     step overwrites: the window must not hold them."""
     from types import SimpleNamespace
 
-    from widenet_ds.training import MetricWindow
+    from widenet_ds.jobs.loop import MetricWindow
 
     window = MetricWindow()
     loss, counts = torch.tensor(2.0), torch.tensor([[3.0, 1.0]])
@@ -367,8 +371,8 @@ def test_the_metric_window_counts_the_model_flops_of_real_tokens_and_kept_routes
     MLM head at its labelled positions and the routes the router kept (the padding and dropped routes left out)."""
     from types import SimpleNamespace
 
-    from widenet_ds.flops import forward_flops
-    from widenet_ds.training import MetricWindow
+    from widenet_ds.jobs.loop import MetricWindow
+    from widenet_ds.modeling.flops import forward_flops
 
     config = WideNetConfig.from_preset("debug")  # 4 experts, top-2
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
@@ -394,7 +398,7 @@ def test_evaluate_scores_the_held_out_batches():
     from types import SimpleNamespace
 
     from widenet_ds.config import WideNetConfig
-    from widenet_ds.pretrain import evaluate
+    from widenet_ds.jobs.pretrain import evaluate
 
     torch.manual_seed(0)
     model = WideNetForPreTraining(WideNetConfig.from_preset("debug", vocab_size=50))
@@ -442,7 +446,7 @@ def test_a_run_without_checkpoints_ends_cleanly(tmp_path):
 def test_profile_steps_read_a_range_or_one_step():
     import argparse
 
-    from widenet_ds.training import profile_steps
+    from widenet_ds.jobs.args import profile_steps
 
     assert profile_steps("41:43") == (41, 43) and profile_steps("7") == (7, 7)
     for bad in ("0:2", "5:3", "3-4", "x", ":4"):

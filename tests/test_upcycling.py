@@ -9,7 +9,7 @@ from transformers import AlbertConfig, AlbertForSequenceClassification
 
 from widenet_ds import WideNetForSequenceClassification
 from widenet_ds.config import ConfigError, MoESettings
-from widenet_ds.model_sources import load_start, load_weights
+from widenet_ds.jobs.model_sources import load_start, load_weights
 
 VOCAB = 99
 

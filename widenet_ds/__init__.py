@@ -1,11 +1,21 @@
 """widenet-ds: WideNet ("Go Wider Instead of Deeper") on DeepSpeed's MoE layer."""
 
-from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining,
-                          AutoModelForSequenceClassification)
+from transformers import (
+                          AutoConfig,
+                          AutoModel,
+                          AutoModelForMaskedLM,
+                          AutoModelForPreTraining,
+                          AutoModelForSequenceClassification,
+)
 
 from .config import PRESETS, ConfigError, MoESettings, WideNetConfig
-from .modeling import (WideNetForMaskedLM, WideNetForPreTraining, WideNetForSequenceClassification, WideNetModel,
-                       WideNetPreTrainedModel)
+from .modeling import (
+                          WideNetForMaskedLM,
+                          WideNetForPreTraining,
+                          WideNetForSequenceClassification,
+                          WideNetModel,
+                          WideNetPreTrainedModel,
+)
 
 AutoConfig.register("widenet", WideNetConfig, exist_ok=True)
 AutoModel.register(WideNetConfig, WideNetModel, exist_ok=True)

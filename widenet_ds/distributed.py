@@ -165,3 +165,9 @@ def distributed_session() -> Iterator[None]:
         close_distributed(barrier=False)
         raise
     close_distributed()
+
+
+def is_main_process() -> bool:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0

@@ -6,7 +6,7 @@ loads (a ``__reduce__`` payload). Every ``.pt`` file this project reads goes thr
 :func:`load_pt`, which first lists the globals the file's pickle names (without unpickling it) and
 refuses any outside :func:`allowed_globals`, the classes DeepSpeed checkpoints legitimately hold,
 then loads with ``weights_only=True`` under that allow-list. DeepSpeed's own loads are routed here
-too (``widenet_ds.engine``).
+too (``widenet_ds.engine.build``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -107,3 +111,21 @@ def sha256_files(paths: list[Path], threads: int = 4) -> dict[Path, str]:
         return {p: sha256_file(p) for p in paths}
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return dict(zip(paths, pool.map(sha256_file, paths)))
+
+
+@contextmanager
+def replace_folder(folder: Path) -> Iterator[Path]:
+    """Write a folder's new contents into a temporary sibling, then swap it in: whoever reads ``folder``
+    (or kills the writer) finds the old contents or the new ones, never a mix."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield building
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        building.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from widenet_ds import WideNetConfig, WideNetForPreTraining
-from widenet_ds.checkpointing import load_checkpoint, save_checkpoint
 from widenet_ds.distributed import close_distributed, init_distributed
-from widenet_ds.ds_config import load_run_config
-from widenet_ds.engine import initialize_engine
+from widenet_ds.engine.build import initialize_engine
+from widenet_ds.engine.checkpointing import load_checkpoint, save_checkpoint
+from widenet_ds.engine.ds_config import load_run_config
 
 
 def fixed_batch(vocab_size: int) -> dict[str, torch.Tensor]:

@@ -10,12 +10,27 @@ Typical use (the pretraining job does all of this through ``prepare_pretraining_
 """
 
 from .cache import PreprocessConfig, PretrainingCache, build_pretraining_cache
-from .corpus import (LINE_DATASETS, Corpus, CorpusError, CorpusFormat, CorpusStats, Document, HubSource,
-                     check_sources, split_sentences)
+from .corpus import (
+                     LINE_DATASETS,
+                     Corpus,
+                     CorpusError,
+                     CorpusFormat,
+                     CorpusStats,
+                     Document,
+                     HubSource,
+                     check_sources,
+                     split_sentences,
+)
 from .dataset import CacheError, PretrainingCollator, PretrainingDataset
 from .loader import PretrainingLoader, make_pretraining_dataloader
 from .pipeline import PretrainingData, prepare_pretraining_data, write_stdlib_docstrings
-from .pretraining import IGNORE_INDEX, Instance, create_instances, mask_tokens, select_masked_spans
+from .pretraining import (
+                     IGNORE_INDEX,
+                     Instance,
+                     create_instances,
+                     mask_tokens,
+                     select_masked_spans,
+)
 from .sampler import ResumableDistributedSampler
 from .tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 

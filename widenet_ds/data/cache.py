@@ -53,8 +53,17 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError
 from .corpus import Corpus, CorpusError, Document
-from .dataset import (FORMAT_VERSION, INDEX_DTYPE, META_FILE, SPLITS, TOKEN_DTYPE, CacheError, PretrainingDataset,
-                      read_meta, split_files)
+from .dataset import (
+    FORMAT_VERSION,
+    INDEX_DTYPE,
+    META_FILE,
+    SPLITS,
+    TOKEN_DTYPE,
+    CacheError,
+    PretrainingDataset,
+    read_meta,
+    split_files,
+)
 from .pretraining import Instance, create_instances
 from .tokenizer import TokenizerError, load_tokenizer
 

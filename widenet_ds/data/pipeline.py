@@ -1,6 +1,6 @@
 """The data side of the pretraining job: from its command-line arguments to batches.
 
-:func:`prepare_pretraining_data` (called by ``widenet_ds.pretrain.setup``):
+:func:`prepare_pretraining_data` (called by ``widenet_ds.jobs.pretrain.setup``):
 
 1. picks the corpus: ``--train_files``, ``--dataset`` (a hub dataset), or by default the
    built-in corpus, the docstrings of Python's standard library (one document per module,
@@ -162,7 +162,7 @@ def prepare_pretraining_data(args: argparse.Namespace, output_dir: str | Path,
                              micro_batch_size: int) -> PretrainingData:
     """Corpus, tokenizer, instance cache and loaders for the pretraining job (see the module docstring).
 
-    ``args`` are the ``data`` and ``run`` arguments of ``widenet_ds.pretrain.build_parser``.
+    ``args`` are the ``data`` and ``run`` arguments of ``widenet_ds.jobs.pretrain.build_parser``.
 
     Raises:
         ConfigError, CorpusError, TokenizerError: for anything the arguments get wrong, before

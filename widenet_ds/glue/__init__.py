@@ -3,11 +3,24 @@ encoding, official metrics, submission files and the results table."""
 
 from .data import GlueExample, load_glue, load_split, to_dataset
 from .encoding import collate, encode
-from .metrics import compute_dev_metrics, compute_metrics, predictions_from_logits, to_predictions
+from .metrics import (
+                    compute_dev_metrics,
+                    compute_metrics,
+                    predictions_from_logits,
+                    to_predictions,
+)
 from .submission import write_split_submission, write_submission
 from .table import results_table, task_score
-from .tasks import (HUB_DATASET, TASKS, GlueDataError, SplitSpec, TaskSpec, TsvLayout, describe_task_columns,
-                    get_task)
+from .tasks import (
+                    HUB_DATASET,
+                    TASKS,
+                    GlueDataError,
+                    SplitSpec,
+                    TaskSpec,
+                    TsvLayout,
+                    describe_task_columns,
+                    get_task,
+)
 
 __all__ = [
     "HUB_DATASET", "TASKS", "GlueDataError", "GlueExample", "SplitSpec", "TaskSpec", "TsvLayout", "collate",

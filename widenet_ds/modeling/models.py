@@ -18,8 +18,16 @@ from transformers.utils import ModelOutput
 
 from ..config import MoESettings, WideNetConfig
 from .fast_moe import BatchedExperts, GatherMOELayer
-from .layers import (ACTIVATION_FNS, Attention, Block, Embeddings, Encoder, FeedForward, MoEFeedForward,
-                     RoutingStats)
+from .layers import (
+    ACTIVATION_FNS,
+    Attention,
+    Block,
+    Embeddings,
+    Encoder,
+    FeedForward,
+    MoEFeedForward,
+    RoutingStats,
+)
 
 
 def combine_aux_loss(routing: list[RoutingStats], coef: float) -> Tensor | None:

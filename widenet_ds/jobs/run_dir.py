@@ -20,14 +20,24 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ..distributed import is_main_process
+
+if TYPE_CHECKING:
+    import argparse
+
+    from ..config import WideNetConfig
+    from ..engine.ds_config import RunConfig
 
 log = logging.getLogger(__name__)
+
+# The repository's root: the default DeepSpeed JSONs live in its ds_configs/, git_hash reads it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 LOCK = ".widenet.lock"
 RUN_RECORD = "run.json"
@@ -217,7 +227,7 @@ def claim_output_dir(output_dir: Path, job: str, resuming: bool, overwrite: bool
 
 def mark_finished(output_dir: Path) -> None:
     """Record in run.json that the job ran to its end (rank 0): grids of runs skip finished ones."""
-    from .metrics_log import is_main_process
+    from ..distributed import is_main_process
 
     record = output_dir / RUN_RECORD
     if is_main_process() and record.is_file():
@@ -233,19 +243,25 @@ def is_finished(output_dir: Path) -> bool:
         return False
 
 
-@contextmanager
-def replace_folder(folder: Path) -> Iterator[Path]:
-    """Write a folder's new contents into a temporary sibling, then swap it in: whoever reads ``folder``
-    (or kills the writer) finds the old contents or the new ones, never a mix."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+def git_hash() -> str:
     try:
-        yield building
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-        building.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+
+def write_run_record(output_dir: Path, config: WideNetConfig, run: RunConfig, args: argparse.Namespace,
+                     job: str) -> None:
+    """The resolved model config, DeepSpeed config, the job's name and the git hash, in output_dir (rank 0)."""
+    if not is_main_process():
+        return
+    config.to_json_file(output_dir / "model_config.json", use_diff=False)
+    (output_dir / "ds_config.json").write_text(json.dumps(run.to_dict(), indent=2))
+    record = {"job": job, "git": git_hash(), "args": {k: v for k, v in vars(args).items() if k != "deepspeed"},
+              "world_size": run.world_size, "precision": run.precision, "zero_stage": run.zero_stage,
+              "optimizer": run.optimizer["type"],
+              "lamb_trust_ratio": "per parameter tensor (widenet_ds.engine.optim.Lamb)"
+              if run.optimizer["type"] == "Lamb" else None}
+    (output_dir / "run.json").write_text(json.dumps(record, indent=2))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import WideNetConfig
+from ..config import WideNetConfig
 
 
 def forward_flops(config: WideNetConfig, batch: int, seq: int, kept_routes_per_call, encoder_only: bool = False,

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .config import ACTIVATIONS, ConfigError, WideNetConfig
+from ..config import ACTIVATIONS, ConfigError, WideNetConfig
 
 # Fields an ALBERT checkpoint does not fix: the MoE's shape and router, and dropout.
 UPCYCLE_FIELDS = frozenset({"num_experts", "top_k", "router_noise", "router_noise_std", "hidden_dropout_prob",

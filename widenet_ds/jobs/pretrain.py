@@ -17,19 +17,33 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import checkpointing
-from .checkpointing import CheckpointError
-from .config import PRESETS, ConfigError, WideNetConfig
-from .distributed import distributed_session, init_distributed, on_rank_zero
-from .ds_config import RunConfig, load_run_config
-from .guards import NonFiniteGuard
-from .metrics_log import MetricsWriter, is_main_process, start_run_log
-from .modeling import WideNetForPreTraining, mlm_labels_at
+from ..config import PRESETS, ConfigError, WideNetConfig
+from ..distributed import (
+    distributed_session,
+    init_distributed,
+    is_main_process,
+    on_rank_zero,
+)
+from ..engine import checkpointing
+from ..engine.checkpointing import CheckpointError
+from ..engine.compile import check_cuda_graphs, compile_if_asked
+from ..engine.ds_config import RunConfig, load_run_config
+from ..engine.guards import NonFiniteGuard
+from ..modeling import WideNetForPreTraining, mlm_labels_at
+from .args import (
+    HelpFormatter,
+    add_compile_argument,
+    add_launcher_arguments,
+    add_output_arguments,
+    add_profile_argument,
+    at_least,
+    check_profile_steps,
+    parse_overrides,
+)
+from .loop import MetricWindow, StepProfiler, train_step
+from .metrics import MetricsWriter, start_run_log
 from .preemption import StopSignals
-from .run_dir import OutputDirLock, claim_output_dir
-from .training import (REPO_ROOT, HelpFormatter, MetricWindow, StepProfiler, add_compile_argument, add_launcher_arguments,
-                       add_output_arguments, add_profile_argument, at_least, check_cuda_graphs, check_profile_steps,
-                       compile_if_asked, parse_overrides, train_step, write_run_record)
+from .run_dir import REPO_ROOT, OutputDirLock, claim_output_dir, write_run_record
 
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
 JOB = "pretrain"  # recorded in run.json: another job refuses this output folder
@@ -126,7 +140,7 @@ def setup(args: argparse.Namespace) -> Job:
 
 def _build(args: argparse.Namespace, run: RunConfig, overrides: dict[str, Any], output_dir: Path,
            resume_from: Path | None, lock: OutputDirLock | None) -> Job:
-    from .data.pipeline import prepare_pretraining_data
+    from ..data.pipeline import prepare_pretraining_data
 
     for note in run.notes:
         log.warning("%s", note)
@@ -148,7 +162,7 @@ def _build(args: argparse.Namespace, run: RunConfig, overrides: dict[str, Any], 
     if args.activation_checkpointing:
         model.set_activation_checkpointing(True)
     compile_if_asked(model, args.compile)
-    from .engine import initialize_engine
+    from ..engine.build import initialize_engine
 
     job = Job(args, run, config, output_dir, data, lock=lock)
     job.engine, _, _ = initialize_engine(model, run)
@@ -176,7 +190,7 @@ def check_tokenizer_kept(args: argparse.Namespace, output_dir: Path, checkpoint:
 
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str | None:
     """sha256 of the tokenizer's vocabulary file (tokenizer.json, else spiece.model)."""
-    from .safe_io import sha256_file
+    from ..safe_io import sha256_file
 
     for name in ("tokenizer.json", "spiece.model"):
         if (tokenizer_dir / name).is_file():
@@ -227,7 +241,7 @@ def _save(job: Job) -> None:
 
 
 def fit(job: Job) -> list[dict[str, Any]]:
-    """Train to ``--max_steps``, or until a stop signal (``widenet_ds.preemption``): then save and return.
+    """Train to ``--max_steps``, or until a stop signal (``widenet_ds.jobs.preemption``): then save and return.
     Returns the logged records."""
     from tqdm.auto import tqdm
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, MoESettings
+from ..config import ConfigError, MoESettings
 
 # DeepSpeed's top-level keys (deepspeed 0.19 docs and runtime/config.py), plus our "moe".
 DEEPSPEED_KEYS = frozenset("""

@@ -28,7 +28,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, spec: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW (PyTorch's; fused on GPU) or LAMB (``widenet_ds.optim.Lamb``: trust ratio per parameter
+    """AdamW (PyTorch's; fused on GPU) or LAMB (``widenet_ds.engine.optim.Lamb``: trust ratio per parameter
     tensor, also on the flat buffers and partitions of DeepSpeed's bf16 and ZeRO optimizers)."""
     params = dict(spec.get("params", {}))
     groups = param_groups(model, params.pop("weight_decay", 0.01))
@@ -46,7 +46,7 @@ def initialize_engine(model: nn.Module, run: RunConfig):
 
     DeepSpeed creates the expert-parallel groups for every MoE layer here (ep_size from the
     model, which was built with the JSON's ``moe.ep_size``). DeepSpeed's bf16 optimizer gets
-    multi-tensor gradient norm and clipping (``widenet_ds.grad_norm``), and its checkpoint engine
+    multi-tensor gradient norm and clipping (``widenet_ds.engine.grad_norm``), and its checkpoint engine
     reads every file through ``widenet_ds.safe_io.load_pt`` (``torch.load(weights_only=False)`` in
     DeepSpeed would run code planted in a checkpoint)."""
     import deepspeed
@@ -63,7 +63,7 @@ def initialize_engine(model: nn.Module, run: RunConfig):
 def read_checkpoints_safely(engine) -> None:
     """Route every read of DeepSpeed's checkpoint engine (model, expert, optimizer files) through the
     safe loader. DeepSpeed makes all its checkpoint reads through ``engine.checkpoint_engine.load``."""
-    from .safe_io import load_pt
+    from ..safe_io import load_pt
 
     def load(path, map_location=None):
         return load_pt(path, map_location=map_location)

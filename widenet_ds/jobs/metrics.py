@@ -5,17 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def is_main_process() -> bool:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+from ..distributed import is_main_process
 
 
 class _TqdmAwareHandler(logging.StreamHandler):

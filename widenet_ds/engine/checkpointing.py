@@ -14,7 +14,7 @@ anything is loaded from a checkpoint (resume, export, fine-tuning), ``verify_che
 every file's size and sha256 and lists the globals of every pickle: a damaged file or one that
 would run code is refused, naming the file. Every ``.pt`` file is read with
 ``widenet_ds.safe_io.load_pt`` (``weights_only`` with an allow-list), DeepSpeed's own reads
-included (``widenet_ds.engine``).
+included (``widenet_ds.engine.build``).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import WideNetConfig
-from .modeling import WideNetForPreTraining
-from .safe_io import UnsafeFileError, load_pt, refuse_unsafe_globals, sha256_files
+from ..config import WideNetConfig
+from ..modeling import WideNetForPreTraining
+from ..safe_io import UnsafeFileError, load_pt, refuse_unsafe_globals, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def export_pretrained(path: str | Path, out_dir: str | Path, tokenizer_dir: str 
     The export holds every expert, so its config records ep_size 1; the other MoE settings
     are the ones the run used.
     """
-    from .run_dir import replace_folder
+    from ..safe_io import replace_folder
 
     path, out_dir = Path(path), Path(out_dir)
     verify_checkpoint(path)

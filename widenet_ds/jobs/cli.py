@@ -17,14 +17,14 @@ DEBUG_VARIABLE = "WIDENET_DS_DEBUG"
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that report a user's mistake (each message says what to fix)."""
-    from .checkpointing import CheckpointError
-    from .config import ConfigError
-    from .data import CacheError, CorpusError, TokenizerError
-    from .distributed import RankZeroError
-    from .glue import GlueDataError
-    from .guards import NonFiniteLossError
+    from ..config import ConfigError
+    from ..data import CacheError, CorpusError, TokenizerError
+    from ..distributed import RankZeroError
+    from ..engine.checkpointing import CheckpointError
+    from ..engine.guards import NonFiniteLossError
+    from ..glue import GlueDataError
+    from ..safe_io import UnsafeFileError
     from .run_dir import OutputDirError
-    from .safe_io import UnsafeFileError
 
     return (ConfigError, CheckpointError, CorpusError, TokenizerError, CacheError, GlueDataError, OutputDirError,
             UnsafeFileError, NonFiniteLossError, RankZeroError)
@@ -37,8 +37,7 @@ def main(entry: Callable[[], Any]) -> Any:
     try:
         return entry()
     except user_errors() as err:
-        from .distributed import RankZeroError
-        from .metrics_log import is_main_process
+        from ..distributed import RankZeroError, is_main_process
 
         if is_main_process() and not isinstance(err, RankZeroError):
             print(f"error: {err}\n(set {DEBUG_VARIABLE}=1 for the traceback)", file=sys.stderr, flush=True)

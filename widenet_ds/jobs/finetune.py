@@ -34,21 +34,54 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError, WideNetConfig
+from ..distributed import (
+    distributed_session,
+    init_distributed,
+    is_main_process,
+    on_rank_zero,
+)
+from ..engine.compile import check_cuda_graphs, compile_if_asked
+from ..engine.ds_config import RunConfig, load_run_config
+from ..engine.expert_sharding import (
+    expert_parallel_rank,
+    to_global_experts,
+    to_local_experts,
+)
+from ..engine.guards import NonFiniteGuard
+from ..glue import (
+    TaskSpec,
+    collate,
+    compute_metrics,
+    describe_task_columns,
+    encode,
+    get_task,
+    load_split,
+    write_split_submission,
+)
+from ..modeling import WideNetForSequenceClassification
+from ..safe_io import replace_folder
 from . import model_sources
-from .config import ConfigError, WideNetConfig
-from .distributed import distributed_session, init_distributed, on_rank_zero
-from .ds_config import RunConfig, load_run_config
-from .expert_sharding import expert_parallel_rank, to_global_experts, to_local_experts
-from .glue import (TaskSpec, collate, compute_metrics, describe_task_columns, encode, get_task, load_split,
-                   write_split_submission)
-from .guards import NonFiniteGuard
-from .metrics_log import MetricsWriter, is_main_process, start_run_log
-from .modeling import WideNetForSequenceClassification
-from .run_dir import OutputDirLock, claim_output_dir, mark_finished, replace_folder
-from .training import (REPO_ROOT, HelpFormatter, MetricWindow, StepProfiler, add_compile_argument,
-                       add_launcher_arguments, add_output_arguments, add_profile_argument, at_least, check_cuda_graphs,
-                       check_profile_steps, compile_if_asked, parse_overrides, positive_float, train_step,
-                       write_run_record)
+from .args import (
+    HelpFormatter,
+    add_compile_argument,
+    add_launcher_arguments,
+    add_output_arguments,
+    add_profile_argument,
+    at_least,
+    check_profile_steps,
+    parse_overrides,
+    positive_float,
+)
+from .loop import MetricWindow, StepProfiler, train_step
+from .metrics import MetricsWriter, start_run_log
+from .run_dir import (
+    REPO_ROOT,
+    OutputDirLock,
+    claim_output_dir,
+    mark_finished,
+    write_run_record,
+)
 
 log = logging.getLogger(__name__)
 JOB = "finetune_glue"  # recorded in run.json: another job refuses this output folder
@@ -232,7 +265,7 @@ def _build(args: argparse.Namespace, task: TaskSpec, run: RunConfig, max_steps: 
     """Encode the data, build the model and the engine, open the metrics (the output folder is claimed)."""
     from transformers import set_seed
 
-    from .engine import initialize_engine
+    from ..engine.build import initialize_engine
 
     output_dir = Path(args.output_dir or f"runs/glue/{task.name}")
     features = {split: encode(rows, tokenizer, args.max_seq_length) for split, rows in examples.items()}

@@ -18,10 +18,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..distributed import close_distributed, is_main_process
+from ..glue import GlueDataError, TaskSpec, get_task, results_table
 from . import finetune
-from .distributed import close_distributed
-from .glue import GlueDataError, TaskSpec, get_task, results_table
-from .metrics_log import is_main_process
 from .run_dir import is_finished
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,22 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .checkpointing import (MARKER, RUNTIME_FIELDS, CheckpointError, complete_checkpoints, full_state_dict,
-                            resolve_resume, verify_checkpoint)
-from .config import PRESETS, ConfigError, WideNetConfig
-from .safe_io import UnsafeFileError, load_pt
-from .upcycling import UPCYCLE_FIELDS, upcycle_albert_weights, widenet_config_from_albert
+from ..config import PRESETS, ConfigError, WideNetConfig
+from ..engine.checkpointing import (
+    MARKER,
+    RUNTIME_FIELDS,
+    CheckpointError,
+    complete_checkpoints,
+    full_state_dict,
+    resolve_resume,
+    verify_checkpoint,
+)
+from ..safe_io import UnsafeFileError, load_pt
+from .upcycling import (
+    UPCYCLE_FIELDS,
+    upcycle_albert_weights,
+    widenet_config_from_albert,
+)
 
 PRESET_PREFIX = "preset:"
 _HEADS = ("predictions.", "sop_classifier.")  # pretraining heads: not part of a classifier

@@ -55,7 +55,7 @@ class Lamb(torch.optim.Optimizer):
         foreign = sorted({k for s in saved.values() for k in s} - {"step", "exp_avg", "exp_avg_sq"})
         incomplete = any(set(s) != {"step", "exp_avg", "exp_avg_sq"} for s in saved.values())
         if foreign or incomplete or any(TENSORS_KEY not in g for g in state_dict.get("param_groups", [])):
-            raise ValueError("the optimizer state in this checkpoint was not written by widenet_ds.optim.Lamb "
+            raise ValueError("the optimizer state in this checkpoint was not written by widenet_ds.engine.optim.Lamb "
                              f"(state keys {foreign or 'missing'}; checkpoints of widenet-ds before 2026-11-29 "
                              "used pytorch_optimizer's Lamb): resume with the optimizer that wrote it (the "
                              "\"optimizer\" block of the run's ds_config.json)")

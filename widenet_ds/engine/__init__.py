@@ -1,0 +1,1 @@
+"""DeepSpeed underneath the jobs: config checks, the engine and optimizer, torch.compile, checkpoints."""

@@ -1,0 +1,1 @@
+"""The training jobs (pretraining, GLUE fine-tuning, grids) and what they share."""
