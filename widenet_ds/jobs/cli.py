@@ -17,6 +17,7 @@ DEBUG_VARIABLE = "WIDENET_DS_DEBUG"
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that report a user's mistake (each message says what to fix)."""
+    from ..analysis.errors import ReportError
     from ..config import ConfigError
     from ..data import CacheError, CorpusError, TokenizerError
     from ..distributed import RankZeroError
@@ -27,7 +28,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .run_dir import OutputDirError
 
     return (ConfigError, CheckpointError, CorpusError, TokenizerError, CacheError, GlueDataError, OutputDirError,
-            UnsafeFileError, NonFiniteLossError, RankZeroError)
+            UnsafeFileError, NonFiniteLossError, RankZeroError, ReportError)
 
 
 def main(entry: Callable[[], Any]) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..analysis.evaluation import evaluation_statistics
 from ..config import PRESETS, ConfigError, WideNetConfig
 from ..distributed import (
     distributed_session,
@@ -47,6 +48,7 @@ from .run_dir import REPO_ROOT, OutputDirLock, claim_output_dir, write_run_recor
 
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
 JOB = "pretrain"  # recorded in run.json: another job refuses this output folder
+STATISTICS_BATCHES = 8  # held-out batches the block-similarity statistic reads at each evaluation
 log = logging.getLogger(__name__)
 
 
@@ -248,7 +250,7 @@ def fit(job: Job) -> list[dict[str, Any]]:
     args, engine = job.args, job.engine
     world = dist.get_world_size() if dist.is_initialized() else 1
     batches = job.data.train_batches()
-    records, window = [], MetricWindow(flop_config=job.config)
+    records, window = [], MetricWindow(flop_config=job.config, tokens_seen=job.state["tokens"] * world)
     guard = NonFiniteGuard(**job.run.nonfinite_loss)
     profiler = StepProfiler(args.profile, job.output_dir / "profile")
     bar = tqdm(total=args.max_steps, initial=job.state["step"], disable=not is_main_process(), desc="pretrain")
@@ -275,9 +277,11 @@ def fit(job: Job) -> list[dict[str, Any]]:
                 _stop(job, signals.name or "a stop signal on another rank")
                 break
             if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-                result = {"step": step, **evaluate(job)}
+                result = {"step": step, **evaluate(job), **evaluation_statistics(
+                    engine.module, job.data.eval_batches(), min(args.eval_batches, STATISTICS_BATCHES))}
                 job.metrics.write(result, prefix="eval")
-                log.info("step %d: %s", step, {k: round(v, 4) for k, v in result.items() if k != "step"})
+                log.info("step %d: %s", step, {k: round(v, 4) for k, v in result.items()
+                                                if k != "step" and isinstance(v, float)})
             if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
                 _save(job)
         checkpointing.wait_for_pending_save()
@@ -324,6 +328,10 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if not job.stopped_by:
                 export_final(job)
             job.metrics.close()
+            if not job.stopped_by and is_main_process():
+                from ..analysis.report import finish_pretraining  # matplotlib only where a report is written
+
+                finish_pretraining(job.output_dir)
         finally:
             if job.lock is not None:
                 job.lock.release()
