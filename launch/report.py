@@ -22,13 +22,16 @@ def report(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", type=Path, required=True, help="folder for report.md and figures/")
     p.add_argument("--ln", nargs="+", type=Path, metavar="RUN_OR_EXPORT",
                    help="models whose LayerNorm divergence distribution is plotted (default: the runs' exports)")
+    p.add_argument("--no_ln", action="store_true", help="no LayerNorm divergence (the runs' exports are not read)")
     p.add_argument("--title", default="Run report", help="the report's heading")
     args = p.parse_args(argv)
     if not args.runs and not args.ln:
         p.error("give at least one RUN_DIR or --ln model")
+    if args.ln and args.no_ln:
+        p.error("--ln and --no_ln exclude each other")
     from widenet_ds.analysis.report import report_runs
 
-    path = report_runs(args.runs, args.out, args.ln, args.title)
+    path = report_runs(args.runs, args.out, args.ln, args.title, with_layer_norm=not args.no_ln)
     print(f"report written to {path}")
     return path
 

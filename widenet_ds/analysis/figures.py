@@ -107,8 +107,8 @@ def expert_load(run: Run, path: Path) -> Path | None:
     picks = sorted(set(np.linspace(0, len(steps) - 1, min(LOAD_SNAPSHOTS, len(steps))).round().astype(int)))
     arrays = [np.asarray(loads[i], dtype=float) for i in picks]
     top = max(float(a.max()) for a in arrays)
-    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks) + 1, 0.25 * arrays[0].shape[0] + 2.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks) + 1, 0.25 * arrays[0].shape[0] + 2.6),
+                             squeeze=False, layout="constrained")
     for ax, i, load in zip(axes[0], picks, arrays):
         image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
         ax.set(title=f"step {int(steps[i])}", xlabel="expert", ylabel="block")
@@ -116,7 +116,7 @@ def expert_load(run: Run, path: Path) -> Path | None:
         ax.set_yticks(range(load.shape[0]))
     fig.colorbar(image, ax=axes[0].tolist(), label=f"share of routes (balanced: {1 / arrays[0].shape[1]:.3f})")
     fig.suptitle(f"{run.name}: expert load per block")
-    fig.savefig(path, dpi=DPI)  # tight_layout does not handle the shared colour bar
+    fig.savefig(path, dpi=DPI)  # constrained layout places the shared colour bar (tight_layout does not)
     plt.close(fig)
     return path
 

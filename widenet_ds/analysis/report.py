@@ -36,12 +36,23 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+RUN_COLUMNS = ("run", "job", "model", "steps", "tokens", "wall time", "tokens/s", "model TFLOP/s")
+
+
+def _column_group(column: str) -> int:
+    """Table order: what the run did, its training losses, its evaluation, then GLUE results."""
+    if column in RUN_COLUMNS:
+        return 0
+    return 1 if column.startswith("train ") else 2 if column.startswith("eval") else 3
+
+
 def summary_table(runs: list[Run]) -> str:
     """A Markdown table, one row per run; a column only where some run has a value."""
     rows = [summarize(run) for run in runs]
     columns: list[str] = []
     for row in rows:
         columns += [c for c, v in row.items() if c not in columns and (v is not None or c in ("run", "steps"))]
+    columns.sort(key=_column_group)  # stable: first-seen order within a group
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_format(row.get(c), c) for c in columns) + " |")
@@ -141,14 +152,14 @@ def write_report(runs: list[Run], out_dir: str | Path, layer_norm: dict[str, Pat
 
 
 def report_runs(paths: list[str | Path], out_dir: str | Path, layer_norm: list[str | Path] | None = None,
-                title: str = "Run report") -> Path:
+                title: str = "Run report", with_layer_norm: bool = True) -> Path:
     """``launch/report.py``: the runs in ``paths``, and the LayerNorm divergence of ``layer_norm`` models
-    (default: the runs' own exports)."""
+    (default: the runs' own exports; none without ``with_layer_norm``)."""
     runs = load_runs(list(paths))
     if layer_norm:
         sources = dict(zip(unique_names([Path(p) for p in layer_norm]), (Path(p) for p in layer_norm)))
     else:
-        sources = default_layer_norm_sources(runs)
+        sources = default_layer_norm_sources(runs) if with_layer_norm else {}
     return write_report(runs, out_dir, sources, title)
 
 

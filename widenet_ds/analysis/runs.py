@@ -44,8 +44,11 @@ class Run:
 
     @property
     def preset(self) -> str:
+        """The preset (with its ``--override`` fields) or the fine-tuned model's label."""
         args = self.record.get("args", {})
-        return str(args.get("preset") or args.get("model_label") or args.get("model_name_or_path") or "")
+        name = str(args.get("preset") or args.get("model_label") or args.get("model_name_or_path") or "")
+        overrides = args.get("override") or []
+        return f"{name} ({', '.join(overrides)})" if overrides and args.get("preset") else name
 
     def series(self, key: str, rows: str = "train", x: str = "step") -> tuple[list[float], list[float]]:
         """(x, value) of every record of ``rows`` ("train" or "eval") where both are finite numbers."""
@@ -128,9 +131,11 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
 
 
 def unique_names(paths: list[Path]) -> list[str]:
-    """Folder names, with as many parent folders as it takes to tell them apart."""
+    """Folder names, with as many parent folders as it takes to tell them apart; a run's export folder
+    (``final``, ``best``) is named by its run."""
+    paths = [p.resolve().parent if p.name in ("final", "best") else p.resolve() for p in paths]
     for depth in range(1, 8):
-        names = ["/".join(p.resolve().parts[-depth:]) for p in paths]
+        names = ["/".join(p.parts[-depth:]) for p in paths]
         if len(set(names)) == len(names):
             return names
     return [str(p) for p in paths]
