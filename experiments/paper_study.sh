@@ -31,13 +31,15 @@ options:
   --seeds "S..."      fine-tuning seeds                                              [1 2 3]
   --ft_steps N        fine-tuning optimizer steps per task                           [300]
   --parallel N        pretraining / fine-tuning jobs at once on the GPU              [all]
+  --pretrain_config J DeepSpeed JSON of the pretraining runs       [ds_configs/study_pretrain_1gpu.json]
+  --finetune_config J DeepSpeed JSON of the fine-tuning runs       [ds_configs/study_finetune_1gpu.json]
   --tar FILE          also pack --out into one .tar.gz (for a transfer that counts files)
   --smoke             CPU-sized: the debug preset as ALBERT and WideNet, a few steps
 HELP
 }
 
 CORPUS=() OUT="runs/paper_study" SCRATCH="" GLUE_DIR="" MODELS="" STEPS=600 SEQ=128 VOCAB=16000 EVAL_EVERY=100
-TASKS="sst2 mrpc stsb rte cola" SEEDS="1 2 3" FT_STEPS=300 PARALLEL=0 TAR="" SMOKE=0
+TASKS="sst2 mrpc stsb rte cola" SEEDS="1 2 3" FT_STEPS=300 PARALLEL=0 TAR="" SMOKE=0 CUSTOM_PRETRAIN=0 CUSTOM_FINETUNE=0
 PRETRAIN_JSON="$REPO/ds_configs/study_pretrain_1gpu.json" FINETUNE_JSON="$REPO/ds_configs/study_finetune_1gpu.json"
 EVAL_BATCHES=20 LOG_EVERY=10 FT_EVAL_EVERY=100
 
@@ -57,6 +59,8 @@ while [[ $# -gt 0 ]]; do
     --ft_steps) FT_STEPS="$2"; shift 2 ;;
     --parallel) PARALLEL="$2"; shift 2 ;;
     --tar) TAR="$2"; shift 2 ;;
+    --pretrain_config) PRETRAIN_JSON="$(realpath "$2")"; CUSTOM_PRETRAIN=1; shift 2 ;;
+    --finetune_config) FINETUNE_JSON="$(realpath "$2")"; CUSTOM_FINETUNE=1; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -72,7 +76,8 @@ if [[ $SMOKE -eq 1 ]]; then
   MODELS="${MODELS:-albert=debug,share_layer_norm=true,num_experts=1,top_k=1,pre_layer_norm=false widenet-e4=debug}"
   STEPS=4 SEQ=64 VOCAB=300 EVAL_EVERY=2 EVAL_BATCHES=2 LOG_EVERY=1 FT_STEPS=4 FT_EVAL_EVERY=2
   SEEDS="${SEEDS%% *}"
-  PRETRAIN_JSON="$REPO/ds_configs/pretrain_cpu_smoke.json" FINETUNE_JSON="$REPO/ds_configs/finetune_cpu_smoke.json"
+  [[ $CUSTOM_PRETRAIN -eq 1 ]] || PRETRAIN_JSON="$REPO/ds_configs/pretrain_cpu_smoke.json"
+  [[ $CUSTOM_FINETUNE -eq 1 ]] || FINETUNE_JSON="$REPO/ds_configs/finetune_cpu_smoke.json"
 fi
 MODELS="${MODELS:-albert-base=albert-base widenet-base-e4=widenet-base-e4 widenet-base-e8=widenet-base-e8 widenet-base-e16=widenet-base-e16 bert-base=bert-base}"
 SCRATCH="${SCRATCH:-$OUT.scratch}"
@@ -157,8 +162,9 @@ elif [[ ${#PRETRAINED[@]} -gt 0 ]]; then
     [[ "$status" == ok ]] || { FAILED+=("fine-tuning $label: $status"); tail -n 15 "$OUT/logs/glue_$label.log" || true; }
   done
   # shellcheck disable=SC2086
-  if "$PYTHON" "$REPO/launch/glue_table.py" collect "$SCRATCH/glue" --tasks $TASKS >"$OUT/glue_table.md" \
-      2>"$OUT/logs/glue_table.log"; then
+  if "$PYTHON" "$REPO/launch/glue_table.py" collect "$SCRATCH/glue" --tasks $TASKS >"$OUT/logs/glue_table.log" \
+      2>&1; then
+    grep '^|' "$OUT/logs/glue_table.log" >"$OUT/glue_table.md"  # the table without library notices
     FINETUNED=1
     say "GLUE table:"; cat "$OUT/glue_table.md"
   else
