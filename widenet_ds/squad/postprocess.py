@@ -75,6 +75,7 @@ def postprocess_predictions(examples: Sequence[SquadExample], features: Sequence
                 null = {"offsets": (0, 0), "score": score, "start_logit": float(starts[0]),
                         "end_logit": float(ends[0])}
             candidates += _candidates(starts, ends, features[i]["offset_mapping"], n_best_size, max_answer_length)
+        null_score = null["score"] if null is not None else 0.0
         if version_2_with_negative and null is not None:
             candidates.append(null)
         best = sorted(candidates, key=lambda c: c["score"], reverse=True)[:n_best_size]
@@ -88,8 +89,7 @@ def postprocess_predictions(examples: Sequence[SquadExample], features: Sequence
         nbest[example.id] = _with_probabilities(best)
         answer = next(c for c in best if c["text"])
         if version_2_with_negative:
-            null_odds[example.id] = (null["score"] if null is not None else 0.0) - answer["start_logit"] \
-                - answer["end_logit"]
+            null_odds[example.id] = null_score - answer["start_logit"] - answer["end_logit"]
             predictions[example.id] = "" if null_odds[example.id] > null_score_diff_threshold else answer["text"]
         else:
             predictions[example.id] = answer["text"]
