@@ -99,7 +99,7 @@ def test_debug_preset_learns_to_point_at_a_fixed_answer(files, tokenizer_dir, tm
     out = tmp_path / "v1"
     best = run(["--version", "1.1", "--train_file", str(files["v1_train"]), "--validation_file", str(files["v1_dev"]),
                 "--model_name_or_path", "preset:debug", "--tokenizer", str(tokenizer_dir), *WINDOWS,
-                "--deepspeed_config", str(SMOKE), "--max_steps", "60", "--eval_every", "30", "--log_every", "10",
+                "--deepspeed_config", str(SMOKE), "--max_steps", "200", "--eval_every", "100", "--log_every", "20",
                 "--output_dir", str(out)])
     results = _check_outputs(out, files["v1_dev"], "1.1")
     assert results["exact_match"] == 100.0 and results["f1"] == 100.0, results
@@ -117,7 +117,8 @@ def test_v2_with_expert_parallelism_on_two_processes(files, tokenizer_dir, tmp_p
                "--validation_file", str(files["v2_dev"]), "--model_name_or_path", "preset:debug", "--tokenizer",
                str(tokenizer_dir), *WINDOWS, "--deepspeed_config", str(EP2), "--max_steps", "4", "--eval_every", "2",
                "--log_every", "2", "--output_dir", str(out)]
-    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}, "OMP_NUM_THREADS": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}, "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = _check_outputs(out, files["v2_dev"], "2.0")
