@@ -191,3 +191,33 @@ def test_v2_null_score_is_the_smallest_cls_score_and_the_threshold_decides(token
     everything, _, _ = postprocess_predictions(examples, dev, starts, ends, version_2_with_negative=True,
                                                null_score_diff_threshold=30.0)
     assert all(everything.values())  # a high threshold answers every question
+
+
+def test_hub_rows_become_the_official_layout_and_pass_the_same_checks(monkeypatch):
+    import datasets
+
+    asked = []
+    rows = [{"id": "h1", "title": "T", "context": CONTEXT, "question": "What rose?",
+             "answers": {"text": ["The river"], "answer_start": [0]}},
+            {"id": "h2", "title": "T", "context": CONTEXT, "question": "Who flew?",
+             "answers": {"text": [], "answer_start": []}}]
+
+    def load_dataset(name, split):
+        asked.append((name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    examples = load_squad("2.0", "dev")
+    assert asked == [("rajpurkar/squad_v2", "validation")]
+    assert [(e.id, e.is_impossible, [a.text for a in e.answers]) for e in examples] == [
+        ("h1", False, ["The river"]), ("h2", True, [])]
+    with pytest.raises(SquadDataError, match="an unanswerable question; SQuAD 1.1 has none"):
+        load_squad("1.1", "train")
+    assert asked[-1] == ("rajpurkar/squad", "train")
+
+    def offline(name, split):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SquadDataError, match="could not load rajpurkar/squad .*pass the official JSON files"):
+        load_squad("1.1", "dev")

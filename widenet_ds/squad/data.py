@@ -15,8 +15,8 @@ each with its place in the file, e.g. ``data[3].paragraphs[0].qas[7]``):
 - a split without questions (an empty dev file, or a train file whose questions were all skipped).
 
 An answer whose text is not at its ``answer_start`` in the context is **counted and reported**
-(a warning with the count and the first ids): a train question whose first answer (the one
-training points at) is misplaced is skipped; a dev question is kept, since the official
+(a warning with the count and the first ids): a train question with such an answer is skipped
+(training would point at the wrong tokens); a dev question is kept, since the official
 evaluation compares answer texts only and never reads ``answer_start``. With ``strict=True``
 (``--strict_answers``) any misplaced answer is refused instead.
 """
@@ -60,12 +60,9 @@ class SquadExample:
     is_impossible: bool = False
 
     @property
-    def answer_is_placed(self) -> bool:
-        """Whether the first answer's text is at its ``answer_start`` (vacuously true without answers)."""
-        if not self.answers:
-            return True
-        first = self.answers[0]
-        return 0 <= first.start and self.context[first.start:first.start + len(first.text)] == first.text
+    def misplaced_answers(self) -> list[Answer]:
+        """The answers whose text is not at their ``answer_start`` in the context."""
+        return [a for a in self.answers if not (0 <= a.start and self.context[a.start:a.start + len(a.text)] == a.text)]
 
 
 def check_version(version: str) -> str:
@@ -217,20 +214,19 @@ def _answers(items: Any, where: str, problems: list[str]) -> list[Answer]:
 def check_answers(examples: list[SquadExample], split: str, source: str, strict: bool) -> list[SquadExample]:
     """Count answers whose text is not at ``answer_start``: refuse (``strict``), skip (train: the
     position training points at would be wrong) or keep (dev: evaluation compares texts); report."""
-    misplaced = [e for e in examples if not e.answer_is_placed]
+    misplaced = [e for e in examples if e.misplaced_answers]
     if not misplaced:
         return examples
-    first = misplaced[0]
+    first, answer = misplaced[0], misplaced[0].misplaced_answers[0]
     detail = (f"{len(misplaced)} of {len(examples)} question(s) in {source} have an answer whose text is not at "
-              f"its answer_start (first: id {first.id!r}, answer {first.answers[0].text!r} at "
-              f"{first.answers[0].start}, the context there reads "
-              f"{first.context[first.answers[0].start:first.answers[0].start + len(first.answers[0].text)]!r})")
+              f"its answer_start (first: id {first.id!r}, answer {answer.text!r} at {answer.start}, the context "
+              f"there reads {first.context[max(answer.start, 0):answer.start + len(answer.text)]!r})")
     if strict:
         raise SquadDataError(f"{detail}; fix the offsets, or drop --strict_answers to skip such train questions")
     if split == "dev":
         log.warning("%s; kept: the evaluation compares answer texts only", detail)
         return examples
-    kept = [e for e in examples if e.answer_is_placed]
+    kept = [e for e in examples if not e.misplaced_answers]
     if not kept:
         raise SquadDataError(f"{detail}: no train question left; the offsets do not belong to these contexts")
     ids = ", ".join(repr(e.id) for e in misplaced[:_SHOWN])
