@@ -153,6 +153,7 @@ def test_bad_input_is_refused_before_any_compute(files, tokenizer_dir, tmp_path)
     _fails(["--version", "1.1", "--train_file", str(misplaced), "--validation_file", str(files["v1_dev"]), *base],
            SquadDataError, "no train question left")
     dev = ["--validation_file", str(files["v1_dev"])]
+    _fails([*v1, *base], ConfigError, "give both --train_file and --validation_file")
     _fails([*v1, *dev, *base, "--doc_stride", "29"], ConfigError, "--doc_stride 29")
     _fails([*v1, *dev, *base, "--max_seq_length", "256"], ConfigError,
            "--max_seq_length 256 is longer than the model's max_position_embeddings 128")

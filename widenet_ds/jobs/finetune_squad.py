@@ -184,6 +184,9 @@ def setup(args: argparse.Namespace) -> Job:
     args.max_seq_length = args.max_seq_length or DEFAULT_MAX_SEQ_LENGTH[args.version]
     output_dir = Path(args.output_dir or f"runs/squad/v{args.version}")
     _check_window_settings(args, max_positions=None)  # again with the model's positions once it is read
+    if (args.train_file is None) != (args.validation_file is None):
+        raise ConfigError("command line", ["give both --train_file and --validation_file (the official JSON files), "
+                                           "or neither (the hub's squad / squad_v2)"])
     train = load_squad(args.version, "train", args.train_file, strict=args.strict_answers)
     dev = load_squad(args.version, "dev", args.validation_file, strict=args.strict_answers)
     tokenizer = load_tokenizer(args)
