@@ -304,8 +304,9 @@ class WideNetVisionConfig(WideNetConfig):
 
 def _vision_family(name: str, hidden: int, layers: int, heads: int, ffn: int, moe_ffn: int) -> dict[str, dict]:
     """ViT, WideNet (E=4, K=2) and ViT-MoE (MoE every other block, E=4, K=2) at one ViT size."""
+    # dropout 0.1: the official WideNet code's ViT configs (dropout_rate 0.1, attention dropout 0)
     shape = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, image_size=224,
-                 patch_size=16, pre_layer_norm=True, share_layer_norm=False)
+                 patch_size=16, pre_layer_norm=True, share_layer_norm=False, hidden_dropout_prob=0.1)
     moe = dict(num_experts=4, top_k=2)
     return {
         f"vit-{name}16": dict(shape, intermediate_size=ffn, num_experts=1, top_k=1, share_attention=False,

@@ -270,8 +270,11 @@ def check_architecture(path: Path, config: WideNetConfig) -> None:
     saved_path = path / "config.json"
     if not saved_path.is_file():
         raise CheckpointError(f"{path}: no config.json, not a widenet-ds checkpoint")
-    saved = WideNetConfig.from_json_file(saved_path)
-    fields = sorted(set(WideNetConfig.__annotations__) - RUNTIME_FIELDS)
+    saved = type(config).from_json_file(saved_path)
+    # the fields of the config's class and of its WideNetConfig bases (a vision config adds its own)
+    annotated = {name for cls in type(config).__mro__ if issubclass(cls, WideNetConfig)
+                 for name in vars(cls).get("__annotations__", {})}
+    fields = sorted(annotated - RUNTIME_FIELDS)
     diffs = [f"{k}: checkpoint {getattr(saved, k)!r} vs this run {getattr(config, k)!r}"
              for k in fields if getattr(saved, k) != getattr(config, k)]
     if diffs:
