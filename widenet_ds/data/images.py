@@ -238,6 +238,13 @@ def _collate(examples: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor
             "labels": torch.tensor([label for _, label in examples])}
 
 
+def _own_generator() -> torch.Generator:
+    """A DataLoader draws a seed for its workers when it starts; from its own generator, not the global one,
+    so that where an epoch or an evaluation starts does not shift the model's random numbers (router noise,
+    dropout) and a resumed run draws what the uninterrupted one did."""
+    return torch.Generator().manual_seed(0)
+
+
 def batches_per_epoch(num_examples: int, micro_batch: int, world: int) -> int:
     """Micro-batches each rank gets per epoch (every rank the same number; the tail is dropped)."""
     return num_examples // world // micro_batch
@@ -266,7 +273,7 @@ def train_batches(data: ImageData, transform, micro_batch: int, rank: int, world
         keys = [[(epoch, p) for p in batch]
                 for batch in epoch_batches(len(data.train), micro_batch, rank, world, seed, epoch)[offset:]]
         yield from DataLoader(dataset, batch_sampler=keys, collate_fn=_collate, num_workers=workers,
-                              persistent_workers=False)
+                              generator=_own_generator())
         epoch, offset = epoch + 1, 0
 
 
@@ -282,6 +289,7 @@ def eval_batches(data: ImageData, transform, batch_size: int, rank: int, world: 
     counted = torch.tensor([p < total for p in positions])
     dataset = _Examples(data, data.validation, transform, seed=0)
     keys = [[(0, p % total) for p in positions[i:i + batch_size]] for i in range(0, len(positions), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=keys, collate_fn=_collate, num_workers=workers)
+    loader = DataLoader(dataset, batch_sampler=keys, collate_fn=_collate, num_workers=workers,
+                        generator=_own_generator())
     for i, batch in enumerate(loader):
         yield batch, counted[i * batch_size:(i + 1) * batch_size]

@@ -296,7 +296,8 @@ def evaluate(job: Job) -> dict[str, float]:
 
 
 def _save(job: Job) -> None:
-    checkpointing.save_checkpoint(job.engine, job.output_dir / "checkpoints", job.state["step"], job.state,
+    # a copy: the marker is written on a thread while the next steps change job.state
+    checkpointing.save_checkpoint(job.engine, job.output_dir / "checkpoints", job.state["step"], dict(job.state),
                                   job.config, {**job.run.to_dict(), "augmentation": vars(job.augment)},
                                   keep_last=job.args.keep_last)
 
