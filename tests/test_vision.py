@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from image_fixtures import CLASSES, make_image, write_dataset, write_split
-from PIL import Image
 
 from widenet_ds import WideNetForImageClassification, WideNetVisionConfig
 from widenet_ds.config import ConfigError
@@ -196,6 +195,21 @@ def test_empty_class_and_mismatched_classes_are_refused_together(tmp_path):
     assert "only in train: ['c', 'empty']; only in validation: ['d']" in text
 
 
+def test_hub_loading_reads_class_labels_and_names_a_missing_split(tmp_path):
+    from widenet_ds.data.images import load_hub_images
+
+    root = write_dataset(tmp_path / "data", train_per_class=2, val_per_class=1)
+    data = load_hub_images(str(root))  # datasets' loader on a local path: the imagefolder builder
+    folders = load_image_folders(root / "train", root / "val")
+    assert data.class_names == folders.class_names and (len(data.train), len(data.validation)) == (6, 3)
+    assert sorted(data.train.labels) == sorted(folders.train.labels)
+    assert data.load_image(data.validation, 0).size == (40, 40)
+    write_split(tmp_path / "only_train" / "train", 1)
+    with pytest.raises(ImageDataError, match="no validation or test split"):
+        load_hub_images(str(tmp_path / "only_train"))
+
+
+@pytest.mark.slow
 def test_the_job_refuses_bad_data_before_compute(tmp_path):
     write_split(tmp_path / "data" / "train", 2, classes=("a", "b"))
     write_split(tmp_path / "data" / "val", 2, classes=("a", "c"))
@@ -215,7 +229,6 @@ def _records(output_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in lines if "event" not in r and (("eval_top1" in r) == (kind == "eval"))]
 
 
-@pytest.mark.slow
 def test_job_learns_resumes_exactly_and_exports(tmp_path):
     from transformers import AutoModelForImageClassification
 
@@ -257,3 +270,27 @@ def test_two_ranks_with_expert_parallelism(tmp_path):
     assert _records(out, "eval")[-1]["eval_images"] == 9  # the ranks' shares, padding not counted
     exported = WideNetForImageClassification.from_pretrained(out / "final")
     assert exported.config.moe["ep_size"] == 1 and len(exported.widenet.encoder.ffn[0].experts.deepspeed_experts) == 4
+
+
+# --- benchmark ----------------------------------------------------------------------------------
+
+
+def test_bench_flops_match_published_vit_counts():
+    from benchmarks.bench_vit import forward_flops
+
+    # DeiT's table (fvcore, multiply-adds): ViT-B/16 17.6 G, ViT-L/16 61.6 G at 224 px
+    for preset, published in (("vit-b16", 17.6e9), ("vit-l16", 61.6e9)):
+        macs = forward_flops(WideNetVisionConfig.from_preset(preset, num_labels=1000), 1, 0) / 2
+        assert abs(macs - published) / published < 0.01
+
+
+@pytest.mark.slow
+def test_bench_vit_runs_on_cpu(tmp_path):
+    out = tmp_path / "vit.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_vit", "--smoke", "--out", str(out)], cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["preset"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"widenet-vit-b", "vit-b16"}
+    assert all(row["images_per_s"] > 0 for row in rows.values())
+    assert rows["widenet-vit-b"]["kept_routes_per_image"] > 0 and rows["vit-b16"]["kept_routes_per_image"] == 0

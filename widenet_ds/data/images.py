@@ -196,7 +196,9 @@ def load_hub_images(name: str, config: str | None = None, train_split: str = "tr
         raise ImageDataError(name, [f"cannot read the dataset's splits ({err}): check the name, --dataset_config "
                                     "and network access (or use --train_dir / --validation_dir)"]) from None
     validation_split = validation_split or next((s for s in ("validation", "test") if s in splits), None)
-    problems = [f"no split {s!r} (it has {splits})" for s in (train_split, validation_split) if s not in splits]
+    problems = [f"no split {s!r} (it has {splits}): name the split to use with --train_split / --validation_split"
+                if s else f"no validation or test split (it has {splits}): name one with --validation_split"
+                for s in (train_split, validation_split) if s not in splits]
     if problems:
         raise ImageDataError(name, problems)
     loaded = {role: datasets.load_dataset(name, config, split=split)
