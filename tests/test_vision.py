@@ -175,13 +175,15 @@ def test_bad_files_are_refused_or_counted(tmp_path):
     (root / "train" / CLASSES[1] / "notes.txt").write_text("not an image")
     truncated = root / "train" / CLASSES[2] / "cut.jpg"
     make_image(2, 64, np.random.default_rng(0)).save(truncated)
-    truncated.write_bytes(truncated.read_bytes()[:200])
+    truncated.write_bytes(truncated.read_bytes()[:-400])  # the header intact, the pixel data cut
     with pytest.raises(ImageDataError) as err:
         load_image_folders(root / "train", root / "val")
     assert "2 file(s) of the train split do not decode" in str(err.value) and "broken.png" in str(err.value)
     data = load_image_folders(root / "train", root / "val", skip_bad=True)
     assert data.train.skipped == {"not an image file (by extension)": 1, "does not decode": 2}
     assert len(data.train) == 9 and data.class_names == sorted(CLASSES)
+    header_only = load_image_folders(root / "train", root / "val", skip_bad=True, decode=False)
+    assert header_only.train.skipped["does not decode"] == 1  # the truncated JPEG passes a header check
 
 
 def test_empty_class_and_mismatched_classes_are_refused_together(tmp_path):

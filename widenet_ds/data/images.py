@@ -19,6 +19,7 @@ resumed run (``start_batch``) gets the batches the uninterrupted run would have.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +38,11 @@ _SHOWN = 5  # files named per problem in a message
 class ImageDataError(ValueError):
     """Image data that cannot be used; the message lists every problem and what to do."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str] | None = None):
+        if problems is None:  # one message (how a DataLoader worker's error is raised again in the main process)
+            self.problems = [source]
+            super().__init__(source)
+            return
         self.problems = problems
         super().__init__(f"image data {source} ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -84,24 +89,27 @@ def _open_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise ImageDataError(str(path.parent.parent), [f"{path} does not decode as an image ({err}); check the "
-                                                       "data, or rerun so that the file checks skip it"]) from None
+        raise ImageDataError(str(path.parent.parent), [f"{path} does not decode as an image ({err}): remove or "
+                                                       "replace it, or rerun with --image_check decode and "
+                                                       "--skip_bad_images to skip such files"]) from None
 
 
-def _decodes(path: Path) -> bool:
-    """Whether a file decodes fully as an image (``verify`` checks the structure; ``load`` the pixel data)."""
+def _decodes(path: Path, full: bool = True) -> bool:
+    """Whether a file is an image: its header opens and ``verify`` passes, and with ``full`` its pixel data
+    decodes (``load``: catches truncated files)."""
     try:
         with Image.open(path) as image:
             image.verify()
-        with Image.open(path) as image:
-            image.load()
+        if full:
+            with Image.open(path) as image:
+                image.load()
         return True
     except Exception:  # noqa: BLE001 - PIL raises many types for a damaged file
         return False
 
 
 def scan_folder(folder: Path, name: str, skip_bad: bool, problems: list[str],
-                check_workers: int = 8) -> tuple[dict[str, list[Path]], dict[str, int]]:
+                decode: bool = True) -> tuple[dict[str, list[Path]], dict[str, int]]:
     """Class name -> its image files, and the counts of skipped files; problems appended to ``problems``."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
@@ -114,8 +122,8 @@ def scan_folder(folder: Path, name: str, skip_bad: bool, problems: list[str],
     if not_images:
         skipped["not an image file (by extension)"] = len(not_images)
     candidates = [f for fs in files.values() for f in fs if f.suffix.lower() in IMAGE_EXTENSIONS]
-    with ThreadPoolExecutor(check_workers) as pool:
-        bad = {f for f, ok in zip(candidates, pool.map(_decodes, candidates)) if not ok}
+    with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        bad = {f for f, ok in zip(candidates, pool.map(lambda f: _decodes(f, decode), candidates)) if not ok}
     if bad and not skip_bad:
         shown = ", ".join(str(f) for f in sorted(bad)[:_SHOWN])
         problems.append(f"{len(bad)} file(s) of the {name} split do not decode as images ({shown}"
@@ -150,16 +158,17 @@ def find_validation_folder(root: Path) -> Path | None:
     return next((root / n for n in VALIDATION_FOLDERS if (root / n).is_dir()), None)
 
 
-def load_image_folders(train_dir: Path, validation_dir: Path, skip_bad: bool = False) -> ImageData:
-    """Both splits of an image-folder dataset, every file checked (see the module docstring)."""
+def load_image_folders(train_dir: Path, validation_dir: Path, skip_bad: bool = False, decode: bool = True) -> ImageData:
+    """Both splits of an image-folder dataset, every file checked (see the module docstring; ``decode=False``
+    opens each file's header only)."""
     problems: list[str] = []
     for folder, name in ((train_dir, "train"), (validation_dir, "validation")):
         if not folder.is_dir():
             problems.append(f"{folder}: no such folder (the {name} split)")
     if problems:
         raise ImageDataError(str(train_dir.parent), problems)
-    train, train_skipped = scan_folder(train_dir, "train", skip_bad, problems)
-    validation, val_skipped = scan_folder(validation_dir, "validation", skip_bad, problems)
+    train, train_skipped = scan_folder(train_dir, "train", skip_bad, problems, decode)
+    validation, val_skipped = scan_folder(validation_dir, "validation", skip_bad, problems, decode)
     if train and validation:
         _check_same_classes(list(train), list(validation), f"{train_dir} and {validation_dir}", problems)
     if problems:

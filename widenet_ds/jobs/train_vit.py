@@ -28,6 +28,8 @@ from ..config import VISION_PRESETS, ConfigError, WideNetVisionConfig
 from ..data.augment import AugmentSettings, EvalTransform, Mixup
 from ..data.images import (
     ImageData,
+    ImageDataError,
+    batches_per_epoch,
     eval_batches,
     find_validation_folder,
     load_hub_images,
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--validation_split", help="the hub dataset's evaluation split (default: validation, else test)")
     data.add_argument("--skip_bad_images", action="store_true",
                       help="skip (and count) image files that do not decode instead of refusing the data")
+    data.add_argument("--image_check", choices=("decode", "open"), default="decode",
+                      help="how image folders are checked before training: 'decode' every file fully (catches "
+                           "truncated files; ImageNet takes minutes on 8 cores) or only 'open' its header (fast; a "
+                           "file that fails later stops the run, naming it)")
     data.add_argument("--loader_workers", type=at_least(0), default=None,
                       help="DataLoader worker processes (default 8 with a GPU, 0 on CPU); batches do not depend on it")
     model = p.add_argument_group("model")
@@ -142,18 +148,25 @@ def load_data(args: argparse.Namespace) -> ImageData:
         if validation is None:
             raise ConfigError("command line", [f"--data_dir {root}: no val/, validation/, valid/ or test/ folder "
                                                "beside train/ (or give --validation_dir)"])
-        return load_image_folders(root / "train", validation, args.skip_bad_images)
+        return load_image_folders(root / "train", validation, args.skip_bad_images, args.image_check == "decode")
     if not (args.train_dir and args.validation_dir):
         raise ConfigError("command line", ["no data: give --data_dir, --train_dir and --validation_dir, or --dataset"])
-    return load_image_folders(Path(args.train_dir), Path(args.validation_dir), args.skip_bad_images)
+    return load_image_folders(Path(args.train_dir), Path(args.validation_dir), args.skip_bad_images,
+                              args.image_check == "decode")
 
 
-def build_config(args: argparse.Namespace, data: ImageData, run: RunConfig) -> WideNetVisionConfig:
+def checked_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--override`` fields, refused (with the preset's own checks) before the data is read."""
     overrides = parse_overrides(args.override)
     if "moe" in overrides:
         raise ConfigError("command line", ["--override moe=...: the MoE's run-time settings come from the "
                                            "DeepSpeed JSON's moe block (--deepspeed_config)"])
-    config = WideNetVisionConfig.from_preset(args.preset, **overrides, num_labels=data.num_labels)
+    WideNetVisionConfig.from_preset(args.preset, **overrides)
+    return overrides
+
+
+def build_config(args: argparse.Namespace, data: ImageData, run: RunConfig) -> WideNetVisionConfig:
+    config = WideNetVisionConfig.from_preset(args.preset, **checked_overrides(args), num_labels=data.num_labels)
     config.id2label = dict(enumerate(data.class_names))
     config.label2id = {name: i for i, name in enumerate(data.class_names)}
     return config.with_moe_settings(run.moe)
@@ -170,8 +183,12 @@ def setup(args: argparse.Namespace) -> Job:
         raise ConfigError(f"DeepSpeed config {run.path}", [
             f"mixup / cutmix pair each image with the micro-batch reversed: train_micro_batch_size_per_gpu must be "
             f"even, got {run.micro_batch_size} (or set mixup_alpha and cutmix_alpha to 0)"])
-    WideNetVisionConfig.from_preset(args.preset, **parse_overrides(args.override))  # fail before the file checks
-    data = load_data(args) if not dist.is_initialized() or dist.get_world_size() == 1 else _data_on_every_rank(args)
+    checked_overrides(args)  # fail before the file checks
+    data = load_data(args) if dist.get_world_size() == 1 else _data_on_every_rank(args)
+    if batches_per_epoch(len(data.train), run.micro_batch_size, dist.get_world_size()) == 0:
+        raise ImageDataError(data.source, [f"the train split has {len(data.train)} images: fewer than one "
+                                           f"micro-batch of {run.micro_batch_size} per rank on "
+                                           f"{dist.get_world_size()} rank(s)"])
     config = build_config(args, data, run)
     output_dir = Path(args.output_dir)
     lock = on_rank_zero(lambda: claim_output_dir(output_dir, JOB, resuming=bool(args.resume),
