@@ -152,6 +152,32 @@ def test_train_transform_is_seeded_and_normalised():
     assert not torch.equal(first, transform(image, np.random.default_rng((1, 2, 4))))
 
 
+def test_rand_augment_operations_keep_size_and_mode():
+    from widenet_ds.data.augment import RAND_AUGMENT_OPS
+
+    image = make_image(2, 24, np.random.default_rng(0))
+    for name, op in RAND_AUGMENT_OPS.items():
+        out = op(image, 15.0, np.random.default_rng(0))
+        assert (out.size, out.mode) == (image.size, "RGB"), name
+    still = RAND_AUGMENT_OPS["Rotate"](image, 0.0, np.random.default_rng(0))
+    assert np.array_equal(np.asarray(still), np.asarray(image))  # magnitude 0: no change
+
+
+def test_batches_do_not_depend_on_loader_workers(tmp_path):
+    from widenet_ds.data.images import train_batches
+
+    data = load_image_folders(*(write_dataset(tmp_path, 4, 1) / split for split in ("train", "val")))
+    transform = TrainTransform(32)
+
+    def first(workers, start=0):
+        batches = train_batches(data, transform, 4, 0, 1, seed=3, start_batch=start, workers=workers)
+        return [next(batches)["pixel_values"] for _ in range(3)]
+
+    in_process, in_workers = first(0), first(2)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, in_workers))
+    assert torch.equal(first(0, start=1)[0], in_process[1])  # resuming at a batch gives that batch
+
+
 def test_augmentation_block_refuses_bad_values():
     with pytest.raises(ConfigError) as err:
         AugmentSettings.from_dict({"mixup_alpa": 0.2, "label_smoothing": 1.5, "crop_scale_min": -1})
@@ -231,6 +257,7 @@ def _records(output_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in lines if "event" not in r and (("eval_top1" in r) == (kind == "eval"))]
 
 
+@pytest.mark.slow
 def test_job_learns_resumes_exactly_and_exports(tmp_path):
     from transformers import AutoModelForImageClassification
 

@@ -234,6 +234,9 @@ def _build(job: Job, resume_from: Path | None) -> Job:
             job.metrics.write_event({"event": "skipped_files", "split": split.name, **split.skipped})
             log.warning("%s split: skipped %s", split.name, split.skipped)
     write_run_record(job.output_dir, job.config, job.run, job.args, job=JOB)
+    if is_main_process():  # the recipe's data side beside the engine settings in effect
+        record = job.output_dir / "ds_config.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "augmentation": vars(job.augment)}, indent=2))
     log.info("%d classes, %d train / %d validation images, %d steps of %d images", job.data.num_labels,
              len(job.data.train), len(job.data.validation), job.max_steps, job.run.global_batch_size)
     return job
