@@ -276,7 +276,13 @@ def test_job_learns_resumes_exactly_and_exports(tmp_path):
                   str(full / "checkpoints" / "step_00000008")])
     assert [r["loss"] for r in _records(resumed)] == [r["loss"] for r in _records(full)][8:]
 
+    from widenet_ds.engine.checkpointing import export_to_folder  # what launch/export.py runs
+
+    export_to_folder(full / "checkpoints" / "step_00000016", tmp_path / "export16")
+    assert (tmp_path / "export16" / "preprocessor_config.json").is_file()
+    earlier = AutoModelForImageClassification.from_pretrained(tmp_path / "export16")
     model = AutoModelForImageClassification.from_pretrained(full / "final").eval()
+    assert not torch.equal(earlier.classifier.weight, model.classifier.weight)
     image = make_image(1, 40, np.random.default_rng(5))
     pixels = EvalTransform(model.config.image_size)(image)[None]
     assert model.config.id2label[int(model(pixels).logits.argmax())] == sorted(CLASSES)[1]

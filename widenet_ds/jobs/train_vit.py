@@ -40,7 +40,7 @@ from ..distributed import distributed_session, init_distributed, is_main_process
 from ..engine import checkpointing
 from ..engine.ds_config import RunConfig, load_run_config
 from ..engine.guards import NonFiniteGuard
-from ..modeling import WideNetForImageClassification, image_processor_for
+from ..modeling import WideNetForImageClassification
 from .args import (
     HelpFormatter,
     add_launcher_arguments,
@@ -373,26 +373,6 @@ def _stop(job: Job, cause: str) -> None:
 # --- export ------------------------------------------------------------------------------------
 
 
-def export_checkpoint(path: Path, out_dir: Path) -> Path:
-    """A Hugging Face folder (config, safetensors, image processor) from a complete image-job checkpoint;
-    every expert gathered, so its config records ep_size 1."""
-    from ..safe_io import replace_folder
-
-    checkpointing.verify_checkpoint(path)
-    config = WideNetVisionConfig.from_json_file(path / "config.json")
-    config.moe = {**config.moe, "ep_size": 1}
-    model = WideNetForImageClassification(config)
-    state = checkpointing.full_state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise checkpointing.CheckpointError(f"{path}: weights do not fit an image classifier (missing "
-                                            f"{missing[:5]}, unexpected {unexpected[:5]})")
-    with replace_folder(out_dir) as folder:  # the old export or the new one, never half of one
-        model.save_pretrained(folder)
-        image_processor_for(config).save_pretrained(folder)
-    return out_dir
-
-
 def export_final(job: Job) -> Path | None:
     """Export the newest complete checkpoint to ``output_dir/final`` (rank 0 writes; every rank returns)."""
     def export() -> Path | None:
@@ -401,7 +381,7 @@ def export_final(job: Job) -> Path | None:
         if not saved:
             log.warning("no checkpoint in %s (--save_every 0): nothing exported", job.output_dir / "checkpoints")
             return None
-        final = export_checkpoint(saved[-1], job.output_dir / "final")
+        final = checkpointing.export_pretrained(saved[-1], job.output_dir / "final")
         log.info("exported %s to %s", saved[-1].name, final)
         return final
 
