@@ -78,7 +78,11 @@ class ImageData:
         if self.hub is None:
             return _open_image(Path(item))
         dataset, column = self.hub[split.name]
-        return dataset[int(item)][column]
+        try:
+            return dataset[int(item)][column]
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise ImageDataError(self.source, [f"row {item} of the {split.name} split does not decode as an image "
+                                               f"({err})"]) from None
 
 
 # --- image folders ------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ class _Examples(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, position = key
-        rng = np.random.default_rng((self.seed, epoch, position))
+        rng = np.random.default_rng((self.seed % 2**32, epoch, position))
         image = self.data.load_image(self.split, self.split.items[position])
         return self.transform(image, rng), self.split.labels[position]
 

@@ -131,6 +131,9 @@ def read_recipe(path: str | Path, max_steps: int | None) -> tuple[RunConfig, Aug
     if steps is None:
         raise ConfigError(f"DeepSpeed config {path}", ["no run length: give --max_steps (the scheduler's "
                                                        "total_num_steps is \"auto\")"])
+    if isinstance(fixed, int) and steps < fixed:
+        log.warning("--max_steps %d stops the run before the end of %s's schedule (%d steps): the learning rate "
+                    "will not have decayed", steps, path, fixed)
     return load_run_config(path, world, cuda, max_steps=steps), AugmentSettings.from_dict(raw.get("augmentation")), steps
 
 
@@ -262,7 +265,7 @@ def mixed_batches(job: Job):
     batches = train_batches(job.data, transform, job.run.micro_batch_size, rank, world, job.args.seed,
                             start_batch=job.state["batches"], workers=_workers(job.args))
     for batch in batches:
-        rng = np.random.default_rng((job.args.seed, rank, job.state["batches"]))
+        rng = np.random.default_rng((job.args.seed % 2**32, rank, job.state["batches"]))
         job.state["batches"] += 1
         images, targets = mixup(batch["pixel_values"], batch["labels"], rng)
         yield {"pixel_values": images, "labels": targets}
