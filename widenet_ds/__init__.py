@@ -6,6 +6,7 @@ from transformers import (
                           AutoModelForImageClassification,
                           AutoModelForMaskedLM,
                           AutoModelForPreTraining,
+                          AutoModelForQuestionAnswering,
                           AutoModelForSequenceClassification,
 )
 
@@ -14,6 +15,7 @@ from .modeling import (
                           WideNetForImageClassification,
                           WideNetForMaskedLM,
                           WideNetForPreTraining,
+                          WideNetForQuestionAnswering,
                           WideNetForSequenceClassification,
                           WideNetModel,
                           WideNetPreTrainedModel,
@@ -25,6 +27,7 @@ AutoModel.register(WideNetConfig, WideNetModel, exist_ok=True)
 AutoModelForPreTraining.register(WideNetConfig, WideNetForPreTraining, exist_ok=True)
 AutoModelForMaskedLM.register(WideNetConfig, WideNetForMaskedLM, exist_ok=True)
 AutoModelForSequenceClassification.register(WideNetConfig, WideNetForSequenceClassification, exist_ok=True)
+AutoModelForQuestionAnswering.register(WideNetConfig, WideNetForQuestionAnswering, exist_ok=True)
 # the vision models: a config type of their own, so that AutoModel gives the vision encoder
 AutoConfig.register("widenet_vision", WideNetVisionConfig, exist_ok=True)
 AutoModel.register(WideNetVisionConfig, WideNetVisionModel, exist_ok=True)
@@ -32,7 +35,7 @@ AutoModelForImageClassification.register(WideNetVisionConfig, WideNetForImageCla
 
 __all__ = [
     "PRESETS", "ConfigError", "MoESettings", "WideNetConfig", "WideNetForMaskedLM", "WideNetForPreTraining",
-    "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel",
+    "WideNetForQuestionAnswering", "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel",
     "VISION_PRESETS", "WideNetForImageClassification", "WideNetVisionConfig", "WideNetVisionModel",
 ]
 __version__ = "0.1.0"

@@ -25,10 +25,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..engine.guards import NonFiniteLossError
     from ..glue import GlueDataError
     from ..safe_io import UnsafeFileError
+    from ..squad import SquadDataError
     from .run_dir import OutputDirError
 
     return (ConfigError, CheckpointError, CorpusError, TokenizerError, CacheError, GlueDataError, OutputDirError,
-            UnsafeFileError, NonFiniteLossError, RankZeroError, ImageDataError)
+            UnsafeFileError, NonFiniteLossError, RankZeroError, SquadDataError, ImageDataError)
 
 
 def main(entry: Callable[[], Any]) -> Any:
