@@ -74,6 +74,11 @@ def test_forward_routing_and_soft_target_loss():
     torch.testing.assert_close(hard.loss, hard.task_loss + hard.aux_loss)
     with pytest.raises(ValueError, match="image processor"):
         model(torch.randn(1, 3, 48, 48))
+    mean = WideNetForImageClassification(WideNetVisionConfig.from_preset("debug", num_labels=3, pooling="mean"))
+    mean.load_state_dict(model.state_dict())
+    hidden = mean.eval().widenet(images)
+    torch.testing.assert_close(hidden.pooler_output, hidden.last_hidden_state[:, 1:].mean(1))
+    assert not torch.allclose(mean(images).logits, hard.logits)
 
 
 def test_export_loads_through_auto_classes_and_the_processor_matches_evaluation(tmp_path):
@@ -329,3 +334,17 @@ def test_bench_vit_runs_on_cpu(tmp_path):
     assert set(rows) == {"widenet-vit-b", "vit-b16"}
     assert all(row["images_per_s"] > 0 for row in rows.values())
     assert rows["widenet-vit-b"]["kept_routes_per_image"] > 0 and rows["vit-b16"]["kept_routes_per_image"] == 0
+
+
+@pytest.mark.slow
+def test_job_trains_from_a_datasets_source(tmp_path):
+    from widenet_ds.jobs.train_vit import run
+
+    root = write_dataset(tmp_path / "data", train_per_class=4, val_per_class=2)
+    out = tmp_path / "out"
+    records = run(["--dataset", str(root), "--output_dir", str(out), "--max_steps", "3", "--loader_workers", "1",
+                   "--override", "pooling=\"mean\""])
+    assert [r["step"] for r in records] == [3] and np.isfinite(records[0]["loss"])
+    assert _records(out, "eval")[-1]["eval_images"] == 6
+    saved = json.loads((out / "final" / "config.json").read_text())
+    assert saved["id2label"] == {str(i): name for i, name in enumerate(sorted(CLASSES))} and saved["pooling"] == "mean"

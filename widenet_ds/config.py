@@ -273,6 +273,7 @@ class WideNetVisionConfig(WideNetConfig):
     patch_size: int = 16  # side of a patch; image_size must be a multiple of it
     num_channels: int = 3  # input channels (RGB)
     moe_every: int = 1  # with share_ffn False: an MoE in every moe_every-th block (ViT-MoE: 2), dense elsewhere
+    pooling: str = "token"  # what the classifier reads: the class token, or the "mean" of the patch tokens
     hidden_act: str = "gelu"  # ViT's exact GELU
     layer_norm_eps: float = 1e-6  # ViT's LayerNorm epsilon
     classifier_dropout_prob: float = 0.0  # dropout before the classifier
@@ -292,6 +293,8 @@ class WideNetVisionConfig(WideNetConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 p.append(f"{name} must be a positive integer, got {value!r}")
+        if self.pooling not in ("token", "mean"):
+            p.append(f"pooling must be 'token' or 'mean', got {self.pooling!r}")
         if not p and self.image_size % self.patch_size:
             p.append(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if not p and self.moe_every > 1 and self.share_ffn:

@@ -65,7 +65,8 @@ class WideNetVisionPreTrainedModel(WideNetPreTrainedModel):
 
 
 class WideNetVisionModel(WideNetVisionPreTrainedModel):
-    """Patch embeddings + the encoder; ``pooler_output`` is the class token after the final LayerNorm."""
+    """Patch embeddings + the encoder; ``pooler_output`` is the class token after the final LayerNorm (or, with
+    ``pooling='mean'``, the mean of the patch tokens)."""
 
     def __init__(self, config: WideNetVisionConfig):
         super().__init__(config)
@@ -77,7 +78,7 @@ class WideNetVisionModel(WideNetVisionPreTrainedModel):
         x, routing = self.encoder(self.embeddings(pixel_values))
         return WideNetModelOutput(
             last_hidden_state=x,
-            pooler_output=x[:, 0],
+            pooler_output=x[:, 0] if self.config.pooling == "token" else x[:, 1:].mean(1),
             aux_loss=combine_aux_loss(routing, self.config.moe_settings.aux_loss_coef),
             expert_counts=torch.stack([r.expert_counts for r in routing]) if routing else None,
             dropped_fraction=torch.stack([r.dropped_fraction for r in routing]) if routing else None,
