@@ -348,3 +348,36 @@ def test_job_trains_from_a_datasets_source(tmp_path):
     assert _records(out, "eval")[-1]["eval_images"] == 6
     saved = json.loads((out / "final" / "config.json").read_text())
     assert saved["id2label"] == {str(i): name for i, name in enumerate(sorted(CLASSES))} and saved["pooling"] == "mean"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_auto_finishes(tmp_path):
+    import signal
+    import time
+
+    data = write_dataset(tmp_path / "data", train_per_class=8, val_per_class=2)
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "launch" / "train_vit.py"), "--data_dir", str(data), "--output_dir",
+               str(out), "--max_steps", "100000", "--log_every", "1", "--save_every", "0", "--eval_every", "0"]
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").is_file() and _records(out)):
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended or never logged a step"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, process.stderr.read()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stopped = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"stopped"' in line]
+    step = stopped[0]["step"]
+    assert (out / "checkpoints" / f"step_{step:08d}" / "complete.json").is_file()
+    assert not (out / "final").exists()  # a stopped run exports nothing
+
+    from widenet_ds.jobs.train_vit import run
+
+    run(["--data_dir", str(data), "--output_dir", str(out), "--max_steps", str(step + 2), "--resume", "auto",
+         "--log_every", "1", "--eval_every", "0"])
+    assert [r["step"] for r in _records(out)][-2:] == [step + 1, step + 2] and (out / "final").is_dir()
