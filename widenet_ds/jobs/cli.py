@@ -20,6 +20,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..analysis.errors import ReportError
     from ..config import ConfigError
     from ..data import CacheError, CorpusError, TokenizerError
+    from ..data.images import ImageDataError
     from ..distributed import RankZeroError
     from ..engine.checkpointing import CheckpointError
     from ..engine.guards import NonFiniteLossError
@@ -29,7 +30,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .run_dir import OutputDirError
 
     return (ConfigError, CheckpointError, CorpusError, TokenizerError, CacheError, GlueDataError, OutputDirError,
-            UnsafeFileError, NonFiniteLossError, RankZeroError, SquadDataError, ReportError)
+            UnsafeFileError, NonFiniteLossError, RankZeroError, SquadDataError, ReportError, ImageDataError)
 
 
 def main(entry: Callable[[], Any]) -> Any:

@@ -32,6 +32,13 @@ from .models import (
                      mlm_labels_at,
                      uses_cuda_graphs,
 )
+from .vision import (
+    PatchEmbeddings,
+    WideNetForImageClassification,
+    WideNetVisionModel,
+    WideNetVisionPreTrainedModel,
+    image_processor_for,
+)
 
 __all__ = [
     "COMPILE_SCOPES", "Attention", "BatchedExperts", "Block", "Embeddings", "Encoder", "FeedForward", "GatherMOELayer",
@@ -39,4 +46,6 @@ __all__ = [
     "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel", "at_positions", "combine_aux_loss",
     "compile_model", "compile_settings", "expert_capacity", "load_balance_loss", "mlm_labels_at", "top_k_route",
     "top_k_route_fast", "uses_cuda_graphs",
+    "PatchEmbeddings", "WideNetForImageClassification", "WideNetVisionModel", "WideNetVisionPreTrainedModel",
+    "image_processor_for",
 ]
