@@ -23,10 +23,10 @@ options:
   --scratch DIR       tokenizer, checkpoints, exports (not part of the results)      [<out>.scratch]
   --glue_dir DIR      GLUE data in the download layout; absent: no fine-tuning
   --models "SPEC..."  LABEL=PRESET[,FIELD=VALUE...] each                             [the five base presets]
-  --steps N           pretraining optimizer steps                                    [600]
+  --steps N           pretraining optimizer steps                                    [1500]
   --seq N             tokens per sequence                                            [128]
   --vocab N           SentencePiece pieces                                           [16000]
-  --eval_every N      pretraining steps between evaluations                          [100]
+  --eval_every N      pretraining steps between evaluations                          [250]
   --tasks "T..."      GLUE tasks                                                     [sst2 mrpc stsb rte cola]
   --seeds "S..."      fine-tuning seeds                                              [1 2 3]
   --ft_steps N        fine-tuning optimizer steps per task                           [300]
@@ -38,7 +38,7 @@ options:
 HELP
 }
 
-CORPUS=() OUT="runs/paper_study" SCRATCH="" GLUE_DIR="" MODELS="" STEPS=600 SEQ=128 VOCAB=16000 EVAL_EVERY=100
+CORPUS=() OUT="runs/paper_study" SCRATCH="" GLUE_DIR="" MODELS="" STEPS=1500 SEQ=128 VOCAB=16000 EVAL_EVERY=250
 TASKS="sst2 mrpc stsb rte cola" SEEDS="1 2 3" FT_STEPS=300 PARALLEL=0 TAR="" SMOKE=0 CUSTOM_PRETRAIN=0 CUSTOM_FINETUNE=0
 PRETRAIN_JSON="$REPO/ds_configs/study_pretrain_1gpu.json" FINETUNE_JSON="$REPO/ds_configs/study_finetune_1gpu.json"
 EVAL_BATCHES=20 LOG_EVERY=10 FT_EVAL_EVERY=100
