@@ -73,7 +73,7 @@ from .args import (
     parse_overrides,
     positive_float,
 )
-from .loop import MetricWindow, StepProfiler, train_step
+from .loop import Schedule, StepProfiler, TrainingLoop
 from .metrics import MetricsWriter, start_run_log
 from .run_dir import (
     REPO_ROOT,
@@ -354,31 +354,21 @@ def evaluate(job: Job) -> tuple[dict[str, float], dict[str, np.ndarray]]:
 
 def fit(job: Job) -> dict[str, Any]:
     """Train for ``max_steps``, evaluating every ``--eval_every`` steps and at the end; returns the best."""
-    from tqdm.auto import tqdm
+    args, logits = job.args, {}
 
-    args, engine = job.args, job.engine
-    world = _rank_world()[1]
-    batches, window = train_batches(job), MetricWindow()
-    guard = NonFiniteGuard(**job.run.nonfinite_loss)
-    profiler = StepProfiler(args.profile, job.output_dir / "profile")
-    bar = tqdm(total=job.max_steps, disable=not is_main_process(), desc=f"finetune {job.task.name}")
-    engine.train()
-    for step in range(1, job.max_steps + 1):
-        profiler.begin(step)
-        train_step(engine, batches, job.run.grad_accum, window, guard, step)
-        profiler.end(step)
-        bar.update(1)
-        if step % args.log_every == 0 or step == job.max_steps:
-            record = window.record(step, engine.get_lr()[0], world)
-            job.metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
-            window.reset()
-        if (args.eval_every and step % args.eval_every == 0) or step == job.max_steps:
-            metrics, logits = evaluate(job)
-            job.metrics.write({"step": step, **metrics}, prefix="eval")
-            log.info("step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
-            keep_if_best(job, step, metrics, logits)
-    bar.close()
+    def evaluate_dev(step: int) -> dict[str, float]:
+        metrics, logits[step] = evaluate(job)
+        return metrics
+
+    schedule = Schedule(max_steps=job.max_steps, log_every=args.log_every, eval_every=args.eval_every,
+                        eval_at_end=True)
+    loop = TrainingLoop(job.engine, train_batches(job), schedule, grad_accum=job.run.grad_accum,
+                        metrics=job.metrics, guard=NonFiniteGuard(**job.run.nonfinite_loss),
+                        profiler=StepProfiler(args.profile, job.output_dir / "profile"),
+                        description=f"finetune {job.task.name}", evaluate=evaluate_dev,
+                        after_eval=lambda step, metrics: keep_if_best(job, step, metrics, logits.pop(step)),
+                        logger=log)
+    loop.run({"step": 0})
     return job.best
 
 

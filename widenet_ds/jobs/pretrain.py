@@ -21,7 +21,6 @@ from ..config import PRESETS, ConfigError, WideNetConfig
 from ..distributed import (
     distributed_session,
     init_distributed,
-    is_main_process,
     on_rank_zero,
 )
 from ..engine import checkpointing
@@ -40,9 +39,8 @@ from .args import (
     check_profile_steps,
     parse_overrides,
 )
-from .loop import MetricWindow, StepProfiler, train_step
+from .loop import MetricWindow, Schedule, StepProfiler, TrainingLoop
 from .metrics import MetricsWriter, start_run_log
-from .preemption import StopSignals
 from .run_dir import REPO_ROOT, OutputDirLock, claim_output_dir, write_run_record
 
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
@@ -243,46 +241,18 @@ def _save(job: Job) -> None:
 def fit(job: Job) -> list[dict[str, Any]]:
     """Train to ``--max_steps``, or until a stop signal (``widenet_ds.jobs.preemption``): then save and return.
     Returns the logged records."""
-    from tqdm.auto import tqdm
-
-    args, engine = job.args, job.engine
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    batches = job.data.train_batches()
-    records, window = [], MetricWindow(flop_config=job.config)
-    guard = NonFiniteGuard(**job.run.nonfinite_loss)
-    profiler = StepProfiler(args.profile, job.output_dir / "profile")
-    bar = tqdm(total=args.max_steps, initial=job.state["step"], disable=not is_main_process(), desc="pretrain")
-    engine.train()
-    with StopSignals(args.preempt_grace) as signals:
-        while job.state["step"] < args.max_steps:
-            tokens_before = window.tokens
-            profiler.begin(job.state["step"] + 1)
-            stop = train_step(engine, batches, job.run.grad_accum, window, guard, job.state["step"] + 1,
-                              stop_requested=signals.requested)
-            job.state["step"] += 1
-            job.state["tokens"] += window.tokens - tokens_before  # this rank's real (unpadded) tokens
-            step = job.state["step"]
-            profiler.end(step)
-            bar.update(1)
-            if step % args.log_every == 0 or step == args.max_steps or stop:
-                record = window.record(step, engine.get_lr()[0], world)
-                job.metrics.write(record)
-                records.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
-                window.reset()
-            if stop:
-                _stop(job, signals.name or "a stop signal on another rank")
-                break
-            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-                result = {"step": step, **evaluate(job)}
-                job.metrics.write(result, prefix="eval")
-                log.info("step %d: %s", step, {k: round(v, 4) for k, v in result.items() if k != "step"})
-            if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
-                _save(job)
-        checkpointing.wait_for_pending_save()
-    bar.close()
-    return records
+    args = job.args
+    schedule = Schedule(max_steps=args.max_steps, log_every=args.log_every, eval_every=args.eval_every,
+                        save_every=args.save_every)
+    loop = TrainingLoop(job.engine, job.data.train_batches(), schedule, grad_accum=job.run.grad_accum,
+                        metrics=job.metrics, guard=NonFiniteGuard(**job.run.nonfinite_loss),
+                        window=MetricWindow(flop_config=job.config),
+                        profiler=StepProfiler(args.profile, job.output_dir / "profile"), description="pretrain",
+                        bar_fields=("loss", "lr", "tokens_per_s"), preempt_grace=args.preempt_grace,
+                        evaluate=lambda step: evaluate(job), save=lambda step: _save(job),
+                        on_stop=lambda step, cause: _stop(job, cause), finish=checkpointing.wait_for_pending_save,
+                        logger=log)
+    return loop.run(job.state)
 
 
 def _stop(job: Job, cause: str) -> None:
