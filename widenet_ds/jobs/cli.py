@@ -19,7 +19,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that report a user's mistake (each message says what to fix)."""
     from ..config import ConfigError
     from ..data import CacheError, CorpusError, TokenizerError
-    from ..distributed import RankZeroError
+    from ..distributed import MissingBuildToolError, RankZeroError
     from ..engine.checkpointing import CheckpointError
     from ..engine.guards import NonFiniteLossError
     from ..glue import GlueDataError
@@ -27,7 +27,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .run_dir import OutputDirError
 
     return (ConfigError, CheckpointError, CorpusError, TokenizerError, CacheError, GlueDataError, OutputDirError,
-            UnsafeFileError, NonFiniteLossError, RankZeroError)
+            UnsafeFileError, NonFiniteLossError, RankZeroError, MissingBuildToolError)
 
 
 def main(entry: Callable[[], Any]) -> Any:
