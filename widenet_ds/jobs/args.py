@@ -134,7 +134,7 @@ def add_profile_argument(group) -> None:
     group.add_argument("--profile", type=profile_steps, metavar="FIRST:LAST",
                        help="torch.profiler over these optimizer steps: a Chrome/Perfetto trace and tables of the "
                             "busiest operators (host and GPU) per rank in output_dir/profile/; pick steps after the "
-                            "first ones (compilation, CUDA-graph recording)")
+                            "first ones (compilation, CUDA-graph recording) (default: none, no profile)")
 
 
 

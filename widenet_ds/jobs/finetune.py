@@ -92,10 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter, epilog=describe_task_columns())
     data = p.add_argument_group("data (default: the hub's nyu-mll/glue)")
     data.add_argument("--task", required=True, help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli")
-    data.add_argument("--data_dir", help="a folder in the GLUE download layout (MNLI/dev_matched.tsv ...)")
-    data.add_argument("--train_file", help="CSV / JSON / JSONL / TSV of the train split")
-    data.add_argument("--validation_file", help="... of the (first) dev split, e.g. MNLI's validation_matched")
-    data.add_argument("--test_file", help="... of the (first) test split")
+    data.add_argument("--data_dir", help="a folder in the GLUE download layout (MNLI/dev_matched.tsv ...) "
+                      "(default: none, the hub's nyu-mll/glue unless data files are given)")
+    data.add_argument("--train_file", help="CSV / JSON / JSONL / TSV of the train split (columns: see below; "
+                      "default: none, --data_dir or the hub)")
+    data.add_argument("--validation_file", help="... of the (first) dev split, e.g. MNLI's validation_matched "
+                      "(default: none, as --train_file)")
+    data.add_argument("--test_file", help="... of the (first) test split (default: none, as --train_file)")
     data.add_argument("--split_file", action="append", default=[], metavar="SPLIT=PATH",
                       help="a file for any other split, e.g. validation_mismatched=dev_mm.jsonl (repeatable)")
     data.add_argument("--skip_malformed", action="store_true", help="skip (and count) malformed rows")
@@ -114,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output_dir", help="best model, results, submission files, metrics (default: runs/glue/<task>)")
     add_output_arguments(run, resumable=False)
     run.add_argument("--max_steps", type=at_least(1), help="optimizer steps (default: the JSON's total_num_steps)")
-    run.add_argument("--epochs", type=positive_float, help="train this many epochs instead of --max_steps")
+    run.add_argument("--epochs", type=positive_float,
+                     help="train this many epochs instead of --max_steps (default: none, --max_steps decides)")
     run.add_argument("--seed", type=int, default=42, help="seeds the classifier's initialisation and the data order")
     run.add_argument("--eval_every", type=at_least(0), default=1000,
                      help="steps between dev evaluations (0: only at the end)")

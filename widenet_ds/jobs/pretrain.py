@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--train_files", nargs="+", help="globs of .txt / .jsonl / .parquet files "
                       "(default: the docstrings of Python's standard library, a small built-in corpus)")
-    data.add_argument("--dataset", help="a datasets hub name instead of files, e.g. wikitext")
-    data.add_argument("--dataset_config", help="the hub dataset's config, e.g. wikitext-103-raw-v1")
+    data.add_argument("--dataset", help="a datasets hub name instead of files, e.g. wikitext (default: none, the "
+                      "files of --train_files)")
+    data.add_argument("--dataset_config", help="the hub dataset's config, e.g. wikitext-103-raw-v1 (default: the "
+                      "dataset's default config)")
     data.add_argument("--text_field", default="text", help="text column of .jsonl / .parquet / hub data")
     data.add_argument("--tokenizer", help="an existing tokenizer folder (default: train one into output_dir/tokenizer)")
     data.add_argument("--vocab_size", type=at_least(6), help="SentencePiece vocabulary when training one "
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--output_dir", default="runs/pretrain", help="checkpoints, metrics, tokenizer, final export")
     run.add_argument("--max_steps", type=at_least(1), default=200, help="optimizer steps")
-    run.add_argument("--resume", help="'auto' (newest complete checkpoint in output_dir, if any) or a path")
+    run.add_argument("--resume", help="'auto' (newest complete checkpoint in output_dir, if any) or a path "
+                     "(default: none, a new run)")
     add_output_arguments(run, resumable=True)
     run.add_argument("--seed", type=int, default=42, help="seeds the data split, masking and initialisation")
     run.add_argument("--log_every", type=at_least(1), default=10, help="steps between metric records")
