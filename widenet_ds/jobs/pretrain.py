@@ -1,8 +1,8 @@
 """Pretraining: corpus -> SentencePiece tokenizer -> ALBERT-style MLM + SOP examples ->
 DeepSpeed training with checkpoints, evaluation, metrics and a Hugging Face export.
 
-``setup`` checks everything a user can get wrong before any compute, ``fit`` trains,
-``evaluate`` measures MLM and SOP accuracy on the held-out split. ``launch/pretrain.py``
+``setup`` checks everything a user can get wrong before any compute, ``fit`` trains (the
+shared ``TrainingLoop`` with this job's evaluation, checkpoints and stop), ``evaluate`` measures MLM and SOP accuracy on the held-out split. ``launch/pretrain.py``
 only parses the command line and calls ``run``.
 """
 
