@@ -64,22 +64,32 @@ def test_without_a_bar_a_line_is_written_as_it_is():
 
 
 @pytest.mark.parametrize("stream", [io.StringIO, Terminal])
-def test_the_loops_evaluation_line_is_not_glued_to_the_progress_bar(stream):
-    """The job's logger (its console handler) and the loop's bar write to one stream, as both do to stderr."""
+def test_the_loops_evaluation_and_deepspeeds_lines_are_not_glued_to_the_progress_bar(stream):
+    """The job's logger, DeepSpeed's logger (a warning at the first step) and the loop's bar write to
+    one stream, as they do to a log file of stdout and stderr together."""
+    from deepspeed.utils import logger as deepspeed_logger
+
     output = stream()
     get_logger()
     handler = next(h for h in logging.getLogger("widenet_ds").handlers if isinstance(h, _TqdmAwareHandler))
-    previous = handler.setStream(output)
+    deepspeed_handler = next(h for h in deepspeed_logger.handlers if type(h) is logging.StreamHandler)
+    previous = handler.setStream(output), deepspeed_handler.setStream(output)
+    warn = "Attempting to get learning rate from scheduler before it has started"
+    engine = FakeEngine(itertools.count(1), on_forward=lambda n: n == 2 and deepspeed_logger.warning(warn))
     try:
-        loop, _ = _loop(FakeEngine(itertools.count(1)), Schedule(max_steps=4, log_every=1, eval_every=2),
+        loop, _ = _loop(engine, Schedule(max_steps=4, log_every=1, eval_every=2),
                         evaluate=lambda step: {"eval_loss": step / 4}, description="finetune rte",
                         logger=logging.getLogger("widenet_ds.jobs.finetune"), console=output)
         loop.run({"step": 0})
     finally:
-        handler.setStream(previous)
+        handler.setStream(previous[0])
+        deepspeed_handler.setStream(previous[1])
+    assert deepspeed_handler in deepspeed_logger.handlers  # restored after the loop
     text = output.getvalue()
     lines = rendered(text) if stream is Terminal else text.split("\n")  # a file viewer keeps each "\r" part
     evaluations = [line for line in lines if "step " in line and "eval_loss" in line]
     pattern = r"\d\d:\d\d:\d\d INFO widenet_ds\.jobs\.finetune: step (\d): \{'eval_loss': [\d.]+\}"
     assert [re.fullmatch(pattern, line).group(1) for line in evaluations] == ["2", "4"], lines
+    assert sum(re.match(r"\[\d{4}-\d\d-\d\d [\d:,]+\] \[WARNING\]", line) is not None and warn in line
+               for line in lines) == 1, lines
     assert any("finetune rte: 100%" in line for line in lines), lines

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..config import WideNetConfig
 from ..distributed import is_main_process
 from ..engine.guards import NonFiniteGuard
+from .console import library_logs_above_bar
 from .preemption import StopSignals
 
 log = logging.getLogger(__name__)
@@ -216,11 +217,12 @@ class TrainingLoop:
     ``guard`` decides what a NaN/inf loss does) and counts it in ``state`` (``"step"``, and
     ``"tokens"``: this rank's real tokens), so a job's checkpoint saves the loop's position and a
     resumed job continues from it. Around the steps: ``profiler`` (``StepProfiler``), a progress
-    bar on rank 0, a ``metrics`` record of the ``window`` every ``schedule.log_every`` steps, and
-    an evaluation and a checkpoint at the schedule's steps. With ``preempt_grace`` (seconds) a
-    SIGTERM / SIGUSR1 ends the run cleanly at a step boundary that every rank agrees on (the
-    flag travels with the guard's all-reduce): the step's record is written, ``on_stop`` is
-    called and the loop returns; without it the signals keep their usual effect.
+    bar on rank 0 (log lines, DeepSpeed's included, print above it: ``widenet_ds.jobs.console``),
+    a ``metrics`` record of the ``window`` every ``schedule.log_every`` steps, and an evaluation
+    and a checkpoint at the schedule's steps. With ``preempt_grace`` (seconds) a SIGTERM /
+    SIGUSR1 ends the run cleanly at a step boundary that every rank agrees on (the flag travels
+    with the guard's all-reduce): the step's record is written, ``on_stop`` is called and the
+    loop returns; without it the signals keep their usual effect.
 
     Extension points, each a keyword argument (None: the loop skips it):
 
@@ -267,7 +269,7 @@ class TrainingLoop:
         bar = tqdm(total=self.schedule.max_steps, initial=state["step"], disable=not is_main_process(),
                    desc=self.description, file=self.console)
         self.engine.train()
-        with self._stop_signals() as signals:
+        with self._stop_signals() as signals, library_logs_above_bar():
             while state["step"] < self.schedule.max_steps:
                 step = state["step"] + 1
                 tokens_before = self.window.tokens
