@@ -238,6 +238,14 @@ class TrainingLoop:
 
     For more, subclass and override ``make_record`` (the fields of a metrics record) or
     ``run_step`` (what one optimizer step is). ``run`` returns the metrics records written.
+    ``metrics`` is anything with ``write(record, prefix="train")`` (``MetricsWriter``). A job's
+    ``fit`` is then a few lines (``widenet_ds.jobs.finetune.fit``)::
+
+        schedule = Schedule(max_steps=1000, log_every=10, eval_every=200, eval_at_end=True)
+        loop = TrainingLoop(engine, batches, schedule, grad_accum=run.grad_accum, metrics=writer,
+                            guard=NonFiniteGuard(**run.nonfinite_loss), evaluate=lambda step: evaluate(job),
+                            logger=log)
+        records = loop.run({"step": 0})
     """
 
     def __init__(self, engine, batches: Iterator[dict[str, torch.Tensor]], schedule: Schedule, *, grad_accum: int,
