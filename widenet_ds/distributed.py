@@ -123,8 +123,11 @@ def op_is_built(builder) -> bool:
     extension cache (``TORCH_EXTENSIONS_DIR``, else ~/.cache/torch_extensions) and newer than its sources."""
     from deepspeed.accelerator import get_accelerator
     from deepspeed.git_version_info import accelerator_name, installed_ops
-    from torch.utils.cpp_extension import _get_build_directory
 
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT build puts the op
+    except ImportError:  # another torch: the cache's place is unknown, so say nothing rather than guess
+        return True
     if installed_ops.get(builder.name, False) and accelerator_name == get_accelerator()._name:
         return True
     library = Path(_get_build_directory(builder.name, verbose=False)) / f"{builder.name}.so"
