@@ -5,6 +5,7 @@ from transformers import (
                           AutoModel,
                           AutoModelForMaskedLM,
                           AutoModelForPreTraining,
+                          AutoModelForQuestionAnswering,
                           AutoModelForSequenceClassification,
 )
 
@@ -12,6 +13,7 @@ from .config import PRESETS, ConfigError, MoESettings, WideNetConfig
 from .modeling import (
                           WideNetForMaskedLM,
                           WideNetForPreTraining,
+                          WideNetForQuestionAnswering,
                           WideNetForSequenceClassification,
                           WideNetModel,
                           WideNetPreTrainedModel,
@@ -22,9 +24,10 @@ AutoModel.register(WideNetConfig, WideNetModel, exist_ok=True)
 AutoModelForPreTraining.register(WideNetConfig, WideNetForPreTraining, exist_ok=True)
 AutoModelForMaskedLM.register(WideNetConfig, WideNetForMaskedLM, exist_ok=True)
 AutoModelForSequenceClassification.register(WideNetConfig, WideNetForSequenceClassification, exist_ok=True)
+AutoModelForQuestionAnswering.register(WideNetConfig, WideNetForQuestionAnswering, exist_ok=True)
 
 __all__ = [
     "PRESETS", "ConfigError", "MoESettings", "WideNetConfig", "WideNetForMaskedLM", "WideNetForPreTraining",
-    "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel",
+    "WideNetForQuestionAnswering", "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel",
 ]
 __version__ = "0.1.0"

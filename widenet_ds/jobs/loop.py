@@ -43,10 +43,12 @@ class MetricWindow:
     """Losses and routing statistics summed since the last log line (kept on the device: no sync per step).
 
     With ``flop_config`` (pretraining) it also counts model FLOPs (``widenet_ds.modeling.flops.pretraining_flops``) and
-    records ``model_tflop_per_s_per_gpu``, averaged over the ranks."""
+    records ``model_tflop_per_s_per_gpu``, averaged over the ranks. ``tokens`` in a record: the real tokens
+    seen so far on all ranks, from ``tokens_seen`` (those before a resume) on."""
 
-    def __init__(self, flop_config: WideNetConfig | None = None):
+    def __init__(self, flop_config: WideNetConfig | None = None, tokens_seen: int = 0):
         self.flop_config = flop_config
+        self.tokens_seen = tokens_seen
         self.reset()
 
     def reset(self):
@@ -80,7 +82,8 @@ class MetricWindow:
                 record["expert_load"] = (mean / mean.sum(-1, keepdim=True)).tolist()  # (T, E) shares
             else:
                 record[key] = mean.tolist()
-        record.update(lr=lr, tokens_per_s=self.tokens * world / max(elapsed, 1e-9),
+        self.tokens_seen += self.tokens * world
+        record.update(lr=lr, tokens=self.tokens_seen, tokens_per_s=self.tokens * world / max(elapsed, 1e-9),
                       data_wait_fraction=self.data_wait / max(elapsed, 1e-9))
         if self.flop_config is not None and self.count:
             device = self.sums["loss"].device  # NCCL reduces device tensors only
@@ -331,7 +334,7 @@ class TrainingLoop:
         """Evaluate, record the result in the metrics and the log, hand it to ``after_eval``."""
         result = self.evaluate(step)
         self.metrics.write({"step": step, **result}, prefix="eval")
-        self.log.info("step %d: %s", step, {k: round(v, 4) for k, v in result.items()})
+        self.log.info("step %d: %s", step, {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
         if self.after_eval is not None:
             self.after_eval(step, result)
         return result

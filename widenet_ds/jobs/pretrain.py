@@ -17,10 +17,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..analysis.evaluation import evaluation_statistics
 from ..config import PRESETS, ConfigError, WideNetConfig
 from ..distributed import (
     distributed_session,
     init_distributed,
+    is_main_process,
     on_rank_zero,
 )
 from ..engine import checkpointing
@@ -45,6 +47,7 @@ from .run_dir import REPO_ROOT, OutputDirLock, claim_output_dir, write_run_recor
 
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
 JOB = "pretrain"  # recorded in run.json: another job refuses this output folder
+STATISTICS_BATCHES = 8  # held-out batches the block-similarity statistic reads at each evaluation
 log = logging.getLogger(__name__)
 
 
@@ -245,17 +248,24 @@ def fit(job: Job) -> list[dict[str, Any]]:
     """Train to ``--max_steps``, or until a stop signal (``widenet_ds.jobs.preemption``): then save and return.
     Returns the logged records."""
     args = job.args
+    world = dist.get_world_size() if dist.is_initialized() else 1
     schedule = Schedule(max_steps=args.max_steps, log_every=args.log_every, eval_every=args.eval_every,
                         save_every=args.save_every)
     loop = TrainingLoop(job.engine, job.data.train_batches(), schedule, grad_accum=job.run.grad_accum,
                         metrics=job.metrics, guard=NonFiniteGuard(**job.run.nonfinite_loss),
-                        window=MetricWindow(flop_config=job.config),
+                        window=MetricWindow(flop_config=job.config, tokens_seen=job.state["tokens"] * world),
                         profiler=StepProfiler(args.profile, job.output_dir / "profile"), description="pretrain",
                         bar_fields=("loss", "lr", "tokens_per_s"), preempt_grace=args.preempt_grace,
-                        evaluate=lambda step: evaluate(job), save=lambda step: _save(job),
+                        evaluate=lambda step: _evaluate_with_statistics(job), save=lambda step: _save(job),
                         on_stop=lambda step, cause: _stop(job, cause), finish=checkpointing.wait_for_pending_save,
                         logger=log)
     return loop.run(job.state)
+
+
+def _evaluate_with_statistics(job: Job) -> dict[str, Any]:
+    """``evaluate`` and the model's LayerNorm and block-similarity statistics (``widenet_ds.analysis``)."""
+    return {**evaluate(job), **evaluation_statistics(job.engine.module, job.data.eval_batches(),
+                                                     min(job.args.eval_batches, STATISTICS_BATCHES))}
 
 
 def _stop(job: Job, cause: str) -> None:
@@ -297,6 +307,10 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if not job.stopped_by:
                 export_final(job)
             job.metrics.close()
+            if not job.stopped_by and is_main_process():
+                from ..analysis.report import finish_pretraining  # matplotlib only where a report is written
+
+                finish_pretraining(job.output_dir)
         finally:
             if job.lock is not None:
                 job.lock.release()

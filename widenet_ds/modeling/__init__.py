@@ -21,6 +21,7 @@ from .models import (
                      COMPILE_SCOPES,
                      WideNetForMaskedLM,
                      WideNetForPreTraining,
+                     WideNetForQuestionAnswering,
                      WideNetForSequenceClassification,
                      WideNetModel,
                      WideNetPreTrainedModel,
@@ -34,7 +35,7 @@ from .models import (
 
 __all__ = [
     "COMPILE_SCOPES", "Attention", "BatchedExperts", "Block", "Embeddings", "Encoder", "FeedForward", "GatherMOELayer",
-    "MoEFeedForward", "RoutingStats", "WideNetGate", "WideNetForMaskedLM", "WideNetForPreTraining",
+    "MoEFeedForward", "RoutingStats", "WideNetGate", "WideNetForMaskedLM", "WideNetForPreTraining", "WideNetForQuestionAnswering",
     "WideNetForSequenceClassification", "WideNetModel", "WideNetPreTrainedModel", "at_positions", "combine_aux_loss",
     "compile_model", "compile_settings", "expert_capacity", "load_balance_loss", "mlm_labels_at", "top_k_route",
     "top_k_route_fast", "uses_cuda_graphs",
