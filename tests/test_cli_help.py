@@ -11,21 +11,22 @@ from pathlib import Path
 import pytest
 
 from widenet_ds.glue.tasks import TASKS
-from widenet_ds.jobs import finetune, glue_grid, pretrain
+from widenet_ds.jobs import finetune, finetune_squad, glue_grid, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 PARSERS = {"pretrain": pretrain.build_parser, "finetune_glue": finetune.build_parser,
-           "glue_table": glue_grid.build_parser}
+           "finetune_squad": finetune_squad.build_parser, "glue_table": glue_grid.build_parser}
 
 
-def _export_parser_help(capsys) -> str:
-    spec = importlib.util.spec_from_file_location("launch_export", ROOT / "launch" / "export.py")
+def _launcher_help(capsys, script: str, entry: str) -> str:
+    """``launch/<script> --help`` in this process (the launchers that build their own parser)."""
+    spec = importlib.util.spec_from_file_location(f"launch_{entry}", ROOT / "launch" / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     with pytest.raises(SystemExit) as stop:
-        module.export(["--help"])
+        getattr(module, entry)(["--help"])
     assert stop.value.code == 0
-    return capsys.readouterr().out
+    return " ".join(capsys.readouterr().out.split())
 
 
 def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -68,8 +69,15 @@ def test_the_entry_points_print_that_help(capsys):
     assert "--max_seq_length MAX_SEQ_LENGTH tokens per sequence" in text and "(default: 512)" in text
     assert "(default: widenet-small)" in text and "(default: runs/pretrain)" in text
     assert "(default: ds_configs/pretrain_cpu_smoke.json)" in text
-    export = _export_parser_help(capsys)
+    export = _launcher_help(capsys, "export.py", "export")
     assert "--tokenizer" in export and "out_dir" in export
+    assert "(default: Run report)" in _launcher_help(capsys, "report.py", "report")
+
+
+def test_a_zero_default_is_shown():
+    parser = finetune_squad.build_parser()
+    action = next(a for a in parser._actions if "--null_score_diff_threshold" in a.option_strings)
+    assert "(default: 0.0)" in _shown_help(parser, action)
 
 
 def test_each_job_explains_compile_with_its_own_padding():
