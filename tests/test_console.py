@@ -73,7 +73,8 @@ def test_the_loops_evaluation_and_deepspeeds_lines_are_not_glued_to_the_progress
     get_logger()
     handler = next(h for h in logging.getLogger("widenet_ds").handlers if isinstance(h, _TqdmAwareHandler))
     deepspeed_handler = next(h for h in deepspeed_logger.handlers if type(h) is logging.StreamHandler)
-    previous = handler.setStream(output), deepspeed_handler.setStream(output)
+    previous = handler.stream, deepspeed_handler.stream  # maybe a closed stream of an earlier test: not flushed
+    handler.stream = deepspeed_handler.stream = output
     warn = "Attempting to get learning rate from scheduler before it has started"
     engine = FakeEngine(itertools.count(1), on_forward=lambda n: n == 2 and deepspeed_logger.warning(warn))
     try:
@@ -82,8 +83,7 @@ def test_the_loops_evaluation_and_deepspeeds_lines_are_not_glued_to_the_progress
                         logger=logging.getLogger("widenet_ds.jobs.finetune"), console=output)
         loop.run({"step": 0})
     finally:
-        handler.setStream(previous[0])
-        deepspeed_handler.setStream(previous[1])
+        handler.stream, deepspeed_handler.stream = previous
     assert deepspeed_handler in deepspeed_logger.handlers  # restored after the loop
     text = output.getvalue()
     lines = rendered(text) if stream is Terminal else text.split("\n")  # a file viewer keeps each "\r" part
