@@ -12,11 +12,12 @@ exports are used. Nothing is loaded in a way that could run code from the files.
 import argparse
 from pathlib import Path
 
+from widenet_ds.jobs.args import HelpFormatter
 from widenet_ds.jobs.cli import main
 
 
 def report(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR", help="output folders of pretraining or "
                    "fine-tuning runs, compared side by side")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md and figures/")

@@ -21,7 +21,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..config import ConfigError
     from ..data import CacheError, CorpusError, TokenizerError
     from ..data.images import ImageDataError
-    from ..distributed import RankZeroError
+    from ..distributed import MissingBuildToolError, RankZeroError
     from ..engine.checkpointing import CheckpointError
     from ..engine.guards import NonFiniteLossError
     from ..glue import GlueDataError
@@ -30,7 +30,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .run_dir import OutputDirError
 
     return (ConfigError, CheckpointError, CorpusError, TokenizerError, CacheError, GlueDataError, OutputDirError,
-            UnsafeFileError, NonFiniteLossError, RankZeroError, SquadDataError, ReportError, ImageDataError)
+            UnsafeFileError, NonFiniteLossError, RankZeroError, SquadDataError, ReportError, ImageDataError,
+            MissingBuildToolError)
 
 
 def main(entry: Callable[[], Any]) -> Any:

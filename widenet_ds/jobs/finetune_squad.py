@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data (default: the hub's squad / squad_v2)")
     data.add_argument("--version", required=True, choices=("1.1", "2.0"),
                       help="SQuAD 1.1 (every question answerable) or 2.0 (with unanswerable questions)")
-    data.add_argument("--train_file", help="the official train JSON, e.g. train-v1.1.json")
-    data.add_argument("--validation_file", help="the official dev JSON, e.g. dev-v1.1.json")
+    data.add_argument("--train_file", help="the official train JSON, e.g. train-v1.1.json (default: none, the "
+                      "hub's rajpurkar/squad or rajpurkar/squad_v2)")
+    data.add_argument("--validation_file", help="the official dev JSON, e.g. dev-v1.1.json (default: none, as "
+                      "--train_file)")
     data.add_argument("--strict_answers", action="store_true",
                       help="refuse a file with an answer whose text is not at its answer_start (default: count "
                            "and report them; such train questions are skipped, dev questions kept)")
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output_dir", help="best model, results, predictions, metrics (default: runs/squad/v<version>)")
     add_output_arguments(run, resumable=False)
     run.add_argument("--max_steps", type=at_least(1), help="optimizer steps (default: the JSON's total_num_steps)")
-    run.add_argument("--epochs", type=positive_float, help="train this many epochs (of windows) instead of --max_steps")
+    run.add_argument("--epochs", type=positive_float, help="train this many epochs (of windows) instead of "
+                     "--max_steps (default: none, --max_steps decides)")
     run.add_argument("--seed", type=int, default=42, help="seeds the span head's initialisation and the data order")
     run.add_argument("--eval_every", type=at_least(0), default=1000,
                      help="steps between dev evaluations (0: only at the end)")

@@ -12,17 +12,16 @@ from typing import Any
 import torch
 
 from ..distributed import is_main_process
+from .console import write_line
 
 
 class _TqdmAwareHandler(logging.StreamHandler):
-    """Writes log lines through ``tqdm.write`` so that they start on a line of their own, not glued to
-    the end of a progress bar's line."""
+    """Writes log lines through ``console.write_line`` so that they start on a line of their own, not
+    glued to the end of a progress bar's line (on a terminal and in a log file alike)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm.auto import tqdm
-
-            tqdm.write(self.format(record), file=self.stream)
+            write_line(self.format(record), file=self.stream)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
