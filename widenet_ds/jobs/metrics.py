@@ -114,7 +114,7 @@ def per_block_scalars(key: str, value: Any) -> list[tuple[str, float]]:
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard
     (per-block lists as one scalar per block, ``per_block_scalars``). Every record gets ``time``: seconds
-    since the job started writing, continued from the file's newest ``time`` when a run resumes."""
+    since the job started writing, continued from the file's newest ``time`` when a run resumes; events too."""
 
     def __init__(self, output_dir: str | Path, enabled: bool | None = None):
         self.enabled = is_main_process() if enabled is None else enabled
@@ -134,8 +134,9 @@ class MetricsWriter:
     def write_event(self, entry: dict[str, Any]) -> None:
         """One record that is not a step's metrics (``{"event": ...}``: a warning, a resume, a stop)."""
         if self.enabled:
+            record = {**{k: _plain(v) for k, v in entry.items()}, "time": round(time.perf_counter() - self.start, 3)}
             with self.path.open("a") as f:
-                f.write(json.dumps({k: _plain(v) for k, v in entry.items()}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
     def write(self, record: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
