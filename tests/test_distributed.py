@@ -71,6 +71,7 @@ def test_cuda_graphs_are_freed_while_the_process_group_still_exists(monkeypatch)
         assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("ending", ["clean", "rank 1 dies"])
 def test_a_cpu_launch_leaves_no_deepspeed_shared_memory_buffers(tmp_path, ending):
     """DeepSpeed's CPU all-reduce puts a ~66 MB file per rank in /dev/shm and never removes it;

@@ -452,6 +452,7 @@ def test_benchmark_script_runs_on_cpu_in_smoke_mode(tmp_path):
     assert "## Phases (--breakdown)" in table
 
 
+@pytest.mark.distributed
 def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
     """benchmarks/text_batches.py (the pretraining data path on the fixture book) -> bench_train --batches:
     every step takes the next batch of the file."""
@@ -557,6 +558,7 @@ def test_benchmark_starts_from_an_exported_model_with_init(tmp_path):
         bench.parse_args(["--smoke", "--init", str(tmp_path)])
 
 
+@pytest.mark.distributed
 def test_expert_parallel_benchmark_runs_on_two_cpu_ranks(tmp_path):
     """bench_ep.py at ep_size 2 on 2 CPU ranks: from fresh weights (batched), and from an exported model
     (grouped; its MLM output bias puts +40 on a rare label: the first loss is ~40 higher), each rank

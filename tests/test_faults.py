@@ -480,6 +480,7 @@ def _deepspeed(args: list[str], port: int, **kw) -> subprocess.Popen:
                             cwd=ROOT, env=ENV, text=True, start_new_session=True, **kw)
 
 
+@pytest.mark.distributed
 def test_sigterm_to_the_deepspeed_launcher_saves_every_rank_and_resumes_exactly(tmp_path):
     """SIGTERM to the whole process group, as SLURM sends it: each rank gets it from the scheduler and
     again from DeepSpeed's per-node launcher, which passes it on to rank 0 and waits for it before it

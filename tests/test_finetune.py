@@ -176,6 +176,7 @@ def _mrpc_files(root: Path) -> dict[str, Path]:
     return files
 
 
+@pytest.mark.distributed
 def test_every_starting_point_on_two_processes_with_expert_parallelism(tokenizer_dir, tmp_path):
     starts = _pretraining_starts(tmp_path, AutoTokenizer.from_pretrained(tokenizer_dir))
     files = _mrpc_files(tmp_path)

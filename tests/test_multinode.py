@@ -69,6 +69,7 @@ def _wait(processes: list[subprocess.Popen], logs: list[Path]) -> list[int | Non
     return [p.returncode for p in processes]
 
 
+@pytest.mark.distributed
 def test_two_nodes_train_with_the_experts_split_across_the_network(hosts, tmp_path):
     out = tmp_path / "run"  # output_dir and corpus on a filesystem both hosts see, as on a cluster
     hostfile = tmp_path / "hostfile"

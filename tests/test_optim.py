@@ -172,6 +172,7 @@ def _partitioned_worker(rank, port, queue):
         close_distributed()
 
 
+@pytest.mark.distributed
 def test_layers_cut_across_zero2_partitions_of_two_ranks_keep_their_trust_ratio():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -80,6 +80,7 @@ def ep2_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.distributed
 def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(ep2_run):
     out = ep2_run
     records = _records(out)
@@ -120,6 +121,7 @@ def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(ep2_run):
     assert output.prediction_logits.shape[-1] == 300 and torch.isfinite(output.prediction_logits).all()
 
 
+@pytest.mark.distributed
 def test_profile_of_the_asked_steps_on_every_rank(ep2_run):
     import gzip
 
@@ -146,6 +148,7 @@ def _checkpoint_logits(checkpoint: Path, ds_json: str, out: Path, ranks: int, sa
     return torch.load(out)
 
 
+@pytest.mark.distributed
 def test_checkpoint_saved_with_ep2_loads_with_ep1_and_back(ep2_run, tmp_path):
     from tools.eval_checkpoint import fixed_batch
 
@@ -251,6 +254,7 @@ def _wait_for_step(metrics: Path, step: int, process: subprocess.Popen, timeout:
     raise TimeoutError(f"step {step} not reached in {timeout} s")
 
 
+@pytest.mark.distributed
 def test_kill_9_of_one_rank_then_resume_auto_loses_nothing_after_the_checkpoint(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     config = str(ROOT / "ds_configs" / "pretrain_cpu_ep2.json")
@@ -310,6 +314,7 @@ def test_a_full_disk_during_save_fails_loudly_and_keeps_the_previous_checkpoint(
         subprocess.run(["umount", str(checkpoints)], check=False)
 
 
+@pytest.mark.distributed
 def test_export_on_demand_from_any_checkpoint(ep2_run, tmp_path):
     first = complete_checkpoints(ep2_run / "checkpoints")[0]
     for source, out in ((first, tmp_path / "at8"), (ep2_run, tmp_path / "latest")):
