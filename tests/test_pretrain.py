@@ -399,7 +399,7 @@ def test_the_metric_window_counts_the_model_flops_of_real_tokens_and_kept_routes
 
 def test_evaluate_scores_the_held_out_batches():
     """MLM accuracy over the masked positions, SOP accuracy and the mean loss of the first eval_batches batches;
-    the sums stay on the engine's device (NCCL reduces no host tensors; a GPU run failed on that once)."""
+    the sums stay on the engine's device (NCCL reduces no host tensors)."""
     from types import SimpleNamespace
 
     from widenet_ds.config import WideNetConfig
@@ -439,7 +439,7 @@ def test_evaluate_scores_the_held_out_batches():
 
 
 def test_a_run_without_checkpoints_ends_cleanly(tmp_path):
-    """--save_every 0: the run trains, saves and exports nothing, and exits 0 (it crashed at the export)."""
+    """--save_every 0: the run trains, saves and exports nothing, and exits 0 (the export step has nothing to export and says so)."""
     out = tmp_path / "run"
     result = _launch(COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--output_dir", str(out),
                                "--max_steps", "2", "--save_every", "0", "--eval_every", "0"])
