@@ -5,6 +5,7 @@ the fast MoE paths (moe.impl "batched", "grouped") compute what DeepSpeed's refe
 import os
 from contextlib import contextmanager
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
