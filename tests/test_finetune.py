@@ -118,6 +118,7 @@ def _check_run(folder: Path, task: str, dev: dict[str, list], submissions: dict[
     return results
 
 
+@pytest.mark.slow
 def test_classification_and_regression_from_a_preset_with_the_table(glue_dir, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "grid"
     table = glue_table(["run", "--models", "debug=preset:debug", "--tasks", "mrpc", "stsb", "mnli", "--seeds", "1",
