@@ -165,6 +165,7 @@ def test_checkpoint_saved_with_ep2_loads_with_ep1_and_back(ep2_run, tmp_path):
     torch.testing.assert_close(back, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):
     """Resumed with DataLoader workers (the first run had none): the same batches, the same losses."""
     out = tmp_path / "run"
@@ -185,6 +186,7 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):
         run(args + ["--resume", "auto", "--override", "num_experts=2"])
 
 
+@pytest.mark.slow
 def test_a_compiled_run_checkpoints_exports_and_resumes_eager(tmp_path):
     """--compile model (inductor, here on CPU): same first loss as eager up to router noise (compiled
     code draws other random numbers), checkpoints and export under the usual names, and an eager run
@@ -290,6 +292,7 @@ def test_kill_9_of_one_rank_then_resume_auto_loses_nothing_after_the_checkpoint(
         assert loss == pytest.approx(reference[step], abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_save_fails_loudly_and_keeps_the_previous_checkpoint(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -329,6 +332,7 @@ def test_export_on_demand_from_any_checkpoint(ep2_run, tmp_path):
     assert (tmp_path / "at8" / "tokenizer_config.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("action", ["stop", "skip"])
 def test_a_real_nan_loss_stops_or_skips_as_configured(tmp_path, action):
     raw = json.loads((ROOT / "ds_configs" / "pretrain_cpu_smoke.json").read_text())
@@ -438,6 +442,7 @@ def test_evaluate_scores_the_held_out_batches():
                                     "eval_loss": sum(losses) / 2})
 
 
+@pytest.mark.slow
 def test_a_run_without_checkpoints_ends_cleanly(tmp_path):
     """--save_every 0: the run trains, saves and exports nothing, and exits 0 (the export step has nothing to export and says so)."""
     out = tmp_path / "run"
