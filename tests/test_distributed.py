@@ -46,9 +46,9 @@ def test_a_one_process_world_leaves_no_launcher_variables_behind(monkeypatch):
 
 
 def test_cuda_graphs_are_freed_while_the_process_group_still_exists(monkeypatch):
-    """On two H200s, ep_size 2 with CUDA graphs (``reduce-overhead``) hung at exit, after its last line of
-    Python, until the graphs were freed before the NCCL group goes. Here (no GPU) the CUDA calls are stood
-    in for; what is checked is the order: graphs freed, then the group destroyed; on an error without
+    """CUDA graphs (``reduce-overhead``) that outlive the NCCL group can hang every rank at exit, after its
+    last line of Python: they are freed before the group goes. Here (no GPU) the CUDA calls are stood in
+    for; what is checked is the order: graphs freed, then the group destroyed; on an error without
     waiting for the GPU."""
     import torch
 
@@ -71,6 +71,7 @@ def test_cuda_graphs_are_freed_while_the_process_group_still_exists(monkeypatch)
         assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("ending", ["clean", "rank 1 dies"])
 def test_a_cpu_launch_leaves_no_deepspeed_shared_memory_buffers(tmp_path, ending):
     """DeepSpeed's CPU all-reduce puts a ~66 MB file per rank in /dev/shm and never removes it;

@@ -119,6 +119,7 @@ def test_foreach_grad_norm_and_clipping_equal_deepspeeds():
     assert grad_norm.global_norm_of_tensors(tensors, norm_type=float("inf")) == max(t.abs().max().float() for t in tensors)
 
 
+@pytest.mark.slow
 def test_the_bf16_engine_steps_alike_with_deepspeeds_and_the_foreach_grad_norm(monkeypatch):
     """bf16, ZeRO 1, fp32 accumulation (DeepSpeed's BF16_Optimizer), an MoE model, clipping active."""
     from deepspeed.runtime import bf16_optimizer
@@ -169,6 +170,7 @@ def test_the_bf16_engine_steps_alike_with_deepspeeds_and_the_foreach_grad_norm(m
         torch.testing.assert_close(ours_params[name], value, msg=name)
 
 
+@pytest.mark.slow
 def test_immediate_grad_update_keeps_no_gradient_between_micro_batches_and_trains_alike():
     """What CUDA graphs need with gradient accumulation (widenet_ds.engine.compile.check_cuda_graphs): DeepSpeed's bf16
     optimizer with ``immediate_grad_update`` (ds_configs/pretrain_1gpu.json) moves each gradient into its fp32

@@ -5,6 +5,7 @@ the fast MoE paths (moe.impl "batched", "grouped") compute what DeepSpeed's refe
 import os
 from contextlib import contextmanager
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -105,6 +106,7 @@ def _counting_grouped_calls():
         GatherMOELayer._grouped_received = original
 
 
+@pytest.mark.distributed
 def test_ep2_forward_backward_matches_ep1_on_the_same_weights_and_inputs():
     mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
@@ -124,6 +126,7 @@ def _fused_kernel_worker(rank, port):
         close_distributed()
 
 
+@pytest.mark.distributed
 def test_ep2_grouped_experts_with_the_fused_kernel_match_the_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     mp.spawn(_fused_kernel_worker, args=(free_port(),), nprocs=WORLD, join=True)

@@ -422,6 +422,7 @@ def test_benchmark_flop_formula_counts_every_matmul(preset_overrides):
     assert counter.get_total_flops() == bench.forward_flops(config, batch, seq, slots, mlm_positions=3)
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs_on_cpu_in_smoke_mode(tmp_path):
     # one dense and one MoE preset and stack (each row costs ~0.5 s here): every code path of the script
     command = [sys.executable, str(BENCH), "--smoke", "--presets", "albert-base", "widenet-base-e4",
@@ -452,6 +453,7 @@ def test_benchmark_script_runs_on_cpu_in_smoke_mode(tmp_path):
     assert "## Phases (--breakdown)" in table
 
 
+@pytest.mark.distributed
 def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
     """benchmarks/text_batches.py (the pretraining data path on the fixture book) -> bench_train --batches:
     every step takes the next batch of the file."""
@@ -503,6 +505,7 @@ def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
         bench.parse_args(["--batches", str(made), "--batch", "2", "--seqs", "16", "32"])
 
 
+@pytest.mark.slow
 def test_benchmark_times_steps_of_several_micro_batches(tmp_path):
     """--grad_accum 3: a timed step is 3 micro-batches and one optimizer step (tokens and FLOPs x 3); CUDA graphs
     with accumulation under a config that keeps gradients between micro-batches are refused before any compute."""
@@ -528,6 +531,7 @@ def test_benchmark_times_steps_of_several_micro_batches(tmp_path):
     assert "overwrite the gradients this engine keeps between the 3 micro-batches" in refused.error
 
 
+@pytest.mark.slow
 def test_benchmark_starts_from_an_exported_model_with_init(tmp_path):
     """--init: the train rows start from an exported model's weights (here one whose MLM output bias puts
     +40 on a token no label uses: the first loss is ~40 higher than from fresh weights), its
@@ -557,6 +561,7 @@ def test_benchmark_starts_from_an_exported_model_with_init(tmp_path):
         bench.parse_args(["--smoke", "--init", str(tmp_path)])
 
 
+@pytest.mark.distributed
 def test_expert_parallel_benchmark_runs_on_two_cpu_ranks(tmp_path):
     """bench_ep.py at ep_size 2 on 2 CPU ranks: from fresh weights (batched), and from an exported model
     (grouped; its MLM output bias puts +40 on a rare label: the first loss is ~40 higher), each rank

@@ -104,6 +104,7 @@ def _plant(checkpoint: Path, name: str, marker: Path) -> None:
 # --- 1. no code runs from a file a user was handed ----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("planted", ["mp_rank_00_model_states.pt", "layer_0_expert_1_mp_rank_00_model_states.pt",
                                      "rng_rank0.pt", "expp_rank_0_mp_rank_00_optim_states.pt"])
 def test_a_planted_payload_never_runs_on_export_resume_or_fine_tuning(trained, tmp_path, planted):
@@ -327,6 +328,7 @@ def test_a_second_job_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(
         OutputDirLock(folder, "pretrain").acquire()
 
 
+@pytest.mark.slow
 def test_two_jobs_started_into_one_folder_one_refuses(tmp_path):
     """Two real processes: the second finds the first's lock and refuses; the first's run is intact."""
     corpus = _corpus(tmp_path / "corpus")
@@ -362,6 +364,7 @@ def test_resume_without_the_runs_tokenizer_is_refused(trained, tmp_path):
         run(args + ["--tokenizer", str(other)])
 
 
+@pytest.mark.slow
 def test_export_never_overwrites_a_file_a_checkpoint_or_another_folder(trained, tmp_path):
     checkpoint = trained / "checkpoints" / "step_00000004"
     (tmp_path / "a_file").write_text("keep me")
@@ -387,6 +390,7 @@ def test_export_never_overwrites_a_file_a_checkpoint_or_another_folder(trained, 
 # --- 5. errors read as errors -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_refusals_are_one_message_without_a_traceback(trained, tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     _refused(_script("pretrain.py", COMMON + ["--train_files", *corpus, "--output_dir", str(tmp_path / "a"),
@@ -407,6 +411,7 @@ def test_refusals_are_one_message_without_a_traceback(trained, tmp_path):
     assert traceback.returncode != 0 and "Traceback" in traceback.stderr
 
 
+@pytest.mark.slow
 def test_a_read_only_checkpoints_folder_is_refused_before_training(trained, tmp_path):
     out = _copy(trained, tmp_path)
     checkpoints = out / "checkpoints"
@@ -442,6 +447,7 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_signal_saves_at_the_step_boundary_exits_0_and_resumes_exactly(tmp_path, sig):
     corpus = _corpus(tmp_path / "corpus")
@@ -480,6 +486,7 @@ def _deepspeed(args: list[str], port: int, **kw) -> subprocess.Popen:
                             cwd=ROOT, env=ENV, text=True, start_new_session=True, **kw)
 
 
+@pytest.mark.distributed
 def test_sigterm_to_the_deepspeed_launcher_saves_every_rank_and_resumes_exactly(tmp_path):
     """SIGTERM to the whole process group, as SLURM sends it: each rank gets it from the scheduler and
     again from DeepSpeed's per-node launcher, which passes it on to rank 0 and waits for it before it

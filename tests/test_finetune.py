@@ -118,6 +118,7 @@ def _check_run(folder: Path, task: str, dev: dict[str, list], submissions: dict[
     return results
 
 
+@pytest.mark.slow
 def test_classification_and_regression_from_a_preset_with_the_table(glue_dir, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "grid"
     table = glue_table(["run", "--models", "debug=preset:debug", "--tasks", "mrpc", "stsb", "mnli", "--seeds", "1",
@@ -176,6 +177,7 @@ def _mrpc_files(root: Path) -> dict[str, Path]:
     return files
 
 
+@pytest.mark.distributed
 def test_every_starting_point_on_two_processes_with_expert_parallelism(tokenizer_dir, tmp_path):
     starts = _pretraining_starts(tmp_path, AutoTokenizer.from_pretrained(tokenizer_dir))
     files = _mrpc_files(tmp_path)

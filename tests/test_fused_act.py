@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from widenet_ds.modeling import fused_act
@@ -85,10 +86,12 @@ def _check_model():
     print("_check_model passed")
 
 
+@pytest.mark.slow
 def test_fused_bias_act_matches_the_unfused_ops_forward_and_backward():
     _in_interpreter("_check_kernels")
 
 
+@pytest.mark.slow
 def test_grouped_model_with_the_fused_kernel_matches_the_batched_experts():
     _in_interpreter("_check_model")
 
@@ -110,6 +113,7 @@ def test_fused_kernel_runs_where_triton_runs(monkeypatch):
     assert not fused_bias_act_runs(x, "gelu_new"), "switched off"
 
 
+@pytest.mark.slow
 def test_expert_benchmark_runs_on_cpu_in_smoke_mode(tmp_path):
     """benchmarks/bench_experts.py (the fused kernels' measurement), interpreted: both variants ran on
     the same inputs and agree; the kernel check is within bf16 rounding."""

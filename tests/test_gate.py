@@ -186,6 +186,7 @@ def test_compiled_router_logits_are_the_fp32_linear_with_its_gradients():
     assert (x.float() @ w.float().t() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_router_benchmark_runs_on_cpu_in_smoke_mode(tmp_path):
     """benchmarks/bench_router.py (the router's measurement): every formulation ran on the same inputs and
     picks the same experts, with the gradients of the fp32 linear up to bf16 rounding."""

@@ -46,6 +46,7 @@ def test_stop_reads_the_losses_of_a_whole_step_at_once():
         guard.check_step([NAN, FINITE], 5)
 
 
+@pytest.mark.distributed
 def test_a_bad_loss_on_one_rank_stops_every_rank(tmp_path):
     """Both actions agree across ranks: rank 1's NaN stops rank 0 too (a rank that went on would hang in
     the next collective)."""

@@ -172,6 +172,7 @@ def _partitioned_worker(rank, port, queue):
         close_distributed()
 
 
+@pytest.mark.distributed
 def test_layers_cut_across_zero2_partitions_of_two_ranks_keep_their_trust_ratio():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -181,6 +182,7 @@ def test_layers_cut_across_zero2_partitions_of_two_ranks_keep_their_trust_ratio(
         _assert_layerwise(ratios, count, bf16=False)
 
 
+@pytest.mark.slow
 def test_lamb_state_survives_a_deepspeed_checkpoint(tmp_path):
     """bf16, ZeRO 1 + fp32 accumulation (pretrain_1gpu.json's settings): two steps, save, then one more
     step in the same engine and in a fresh engine that loaded the checkpoint: the same weights."""

@@ -80,6 +80,7 @@ def ep2_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.distributed
 def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(ep2_run):
     out = ep2_run
     records = _records(out)
@@ -120,6 +121,7 @@ def test_two_ranks_with_expert_parallelism_train_checkpoint_and_export(ep2_run):
     assert output.prediction_logits.shape[-1] == 300 and torch.isfinite(output.prediction_logits).all()
 
 
+@pytest.mark.distributed
 def test_profile_of_the_asked_steps_on_every_rank(ep2_run):
     import gzip
 
@@ -146,6 +148,7 @@ def _checkpoint_logits(checkpoint: Path, ds_json: str, out: Path, ranks: int, sa
     return torch.load(out)
 
 
+@pytest.mark.distributed
 def test_checkpoint_saved_with_ep2_loads_with_ep1_and_back(ep2_run, tmp_path):
     from tools.eval_checkpoint import fixed_batch
 
@@ -162,6 +165,7 @@ def test_checkpoint_saved_with_ep2_loads_with_ep1_and_back(ep2_run, tmp_path):
     torch.testing.assert_close(back, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):
     """Resumed with DataLoader workers (the first run had none): the same batches, the same losses."""
     out = tmp_path / "run"
@@ -182,6 +186,7 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):
         run(args + ["--resume", "auto", "--override", "num_experts=2"])
 
 
+@pytest.mark.slow
 def test_a_compiled_run_checkpoints_exports_and_resumes_eager(tmp_path):
     """--compile model (inductor, here on CPU): same first loss as eager up to router noise (compiled
     code draws other random numbers), checkpoints and export under the usual names, and an eager run
@@ -251,6 +256,7 @@ def _wait_for_step(metrics: Path, step: int, process: subprocess.Popen, timeout:
     raise TimeoutError(f"step {step} not reached in {timeout} s")
 
 
+@pytest.mark.distributed
 def test_kill_9_of_one_rank_then_resume_auto_loses_nothing_after_the_checkpoint(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     config = str(ROOT / "ds_configs" / "pretrain_cpu_ep2.json")
@@ -286,6 +292,7 @@ def test_kill_9_of_one_rank_then_resume_auto_loses_nothing_after_the_checkpoint(
         assert loss == pytest.approx(reference[step], abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_save_fails_loudly_and_keeps_the_previous_checkpoint(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -310,6 +317,7 @@ def test_a_full_disk_during_save_fails_loudly_and_keeps_the_previous_checkpoint(
         subprocess.run(["umount", str(checkpoints)], check=False)
 
 
+@pytest.mark.distributed
 def test_export_on_demand_from_any_checkpoint(ep2_run, tmp_path):
     first = complete_checkpoints(ep2_run / "checkpoints")[0]
     for source, out in ((first, tmp_path / "at8"), (ep2_run, tmp_path / "latest")):
@@ -324,6 +332,7 @@ def test_export_on_demand_from_any_checkpoint(ep2_run, tmp_path):
     assert (tmp_path / "at8" / "tokenizer_config.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("action", ["stop", "skip"])
 def test_a_real_nan_loss_stops_or_skips_as_configured(tmp_path, action):
     raw = json.loads((ROOT / "ds_configs" / "pretrain_cpu_smoke.json").read_text())
@@ -394,7 +403,7 @@ def test_the_metric_window_counts_the_model_flops_of_real_tokens_and_kept_routes
 
 def test_evaluate_scores_the_held_out_batches():
     """MLM accuracy over the masked positions, SOP accuracy and the mean loss of the first eval_batches batches;
-    the sums stay on the engine's device (NCCL reduces no host tensors; a GPU run failed on that once)."""
+    the sums stay on the engine's device (NCCL reduces no host tensors)."""
     from types import SimpleNamespace
 
     from widenet_ds.config import WideNetConfig
@@ -433,8 +442,9 @@ def test_evaluate_scores_the_held_out_batches():
                                     "eval_loss": sum(losses) / 2})
 
 
+@pytest.mark.slow
 def test_a_run_without_checkpoints_ends_cleanly(tmp_path):
-    """--save_every 0: the run trains, saves and exports nothing, and exits 0 (it crashed at the export)."""
+    """--save_every 0: the run trains, saves and exports nothing, and exits 0 (the export step has nothing to export and says so)."""
     out = tmp_path / "run"
     result = _launch(COMMON + ["--train_files", *_corpus(tmp_path / "corpus"), "--output_dir", str(out),
                                "--max_steps", "2", "--save_every", "0", "--eval_every", "0"])

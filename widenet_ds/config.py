@@ -1,7 +1,7 @@
 """The model configuration: architecture (``WideNetConfig``), MoE run-time settings
 (``MoESettings``) and the named presets.
 
-Where settings live (DESIGN.md section 3):
+Where settings live:
 
 - ``WideNetConfig`` holds the architecture. It is saved as ``config.json`` with every
   checkpoint and export.

@@ -191,9 +191,8 @@ def shm_buffer(rank: int) -> Path:
 def _release_cuda_graphs(wait: bool) -> None:
     """Free the CUDA graphs ``torch.compile`` recorded (``reduce-overhead``) while the process group
     still exists, after the GPU's work (``wait``; not when leaving on an error, where a collective a
-    dead peer never joined would block it). Measured on two H200s: ep_size 2 with CUDA graphs ran to
-    its last line of Python, then every rank hung at exit (twice in two runs) while the graphs
-    outlived the NCCL group; freed first, the runs exited within seconds."""
+    dead peer never joined would block it). CUDA graphs that outlive the NCCL group can hang every
+    rank at exit, after the last line of Python has run; freed first, the ranks exit promptly."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         if wait:
             torch.cuda.synchronize()

@@ -56,7 +56,7 @@ class Host:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self, command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-        """Run ``command`` in this host, output to ``log``, in a session of its own (stoppable as a group)."""
+        """Run ``command`` in this host, output to ``log``, as the leader of a new process group (stoppable as a group)."""
         with log.open("w") as out:
             process = subprocess.Popen(["ip", "netns", "exec", self.namespace, *command], env=env, stdout=out,
                                        stderr=subprocess.STDOUT, start_new_session=True)

@@ -185,7 +185,7 @@ def prepare_pretraining_data(args: argparse.Namespace, output_dir: str | Path,
                                                   max_ngram=args.max_ngram,
                                                   pad_to_length=args.max_seq_length if static else None)
     workers = getattr(args, "loader_workers", None)
-    if workers is None:  # on a GPU, masking a batch of 32 x 512 in the training process costs ~13 ms a micro-batch
+    if workers is None:  # on a GPU, masking in the training process would leave the GPU waiting for each batch
         workers = 2 if torch.cuda.is_available() else 0
     loader, sampler = make_pretraining_dataloader(cache.dataset("train"), collator, micro_batch_size,
                                                   seed=args.seed, drop_last=True, num_workers=workers)

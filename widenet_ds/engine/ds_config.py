@@ -107,9 +107,8 @@ def check_run_config(raw: dict[str, Any], source: str, world_size: int = 1, cuda
     notes = moe.warnings("moe")
     _resolve_scheduler(engine, max_steps, problems, notes)
     # DeepSpeed's throughput timer (on by default) synchronises the device when a forward starts and
-    # when a step ends, twice per micro-batch: the GPU idles while the host queues the next work (seen in
-    # the pretraining job's profile on an H200). The jobs measure their own throughput; a config that
-    # sets "timers" keeps its own.
+    # when a step ends, twice per micro-batch: the GPU idles while the host queues the next work. The
+    # jobs measure their own throughput; a config that sets "timers" keeps its own.
     engine.setdefault("timers", {"throughput": {"enabled": False}})
     nonfinite = _check_nonfinite(raw.get("nonfinite_loss", {}), problems)
     if problems:
