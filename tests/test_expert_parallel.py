@@ -12,7 +12,9 @@ import torch.multiprocessing as mp
 from widenet_ds import WideNetConfig, WideNetForPreTraining
 from widenet_ds.distributed import close_distributed, free_port, init_distributed
 from widenet_ds.engine.expert_sharding import local_expert_range, to_local_experts
-from widenet_ds.modeling import GatherMOELayer, compile_model, fast_moe
+from widenet_ds.engine.compile import compile_model
+from widenet_ds.modeling import GatherMOELayer
+from widenet_ds.modeling import experts as experts_module
 from widenet_ds.modeling import gate as gate_module
 
 WORLD = 2
@@ -113,14 +115,14 @@ def _fused_kernel_worker(rank, port):
     """As ``_worker``, with the grouped experts' fused bias + activation kernel (Triton's interpreter:
     the parent sets TRITON_INTERPRET=1 before the spawn) over the slots each rank received."""
     _join(rank, port)
-    calls, fused = [], fast_moe.bias_act
-    fast_moe.bias_act = lambda *args: calls.append(1) or fused(*args)
+    calls, fused = [], experts_module.bias_act
+    experts_module.bias_act = lambda *args: calls.append(1) or fused(*args)
     try:
         _check_parity(rank)
         _check_fast_path_matches_reference_path(rank)
         assert len(calls) == 2 * WideNetConfig.from_preset("debug").num_hidden_layers, "the fused kernel ran"
     finally:
-        fast_moe.bias_act = fused
+        experts_module.bias_act = fused
         close_distributed()
 
 

@@ -1,17 +1,19 @@
 """Mapping expert weights between the full layout (all E experts, ep_size 1) and one
 expert-parallel rank's local layout (E / ep_size experts, renumbered from 0).
 
-DeepSpeed names expert parameters ``...deepspeed_experts.<local index>.<name>``; rank r of
-an ep_size-P group holds global experts ``r * E/P ... (r + 1) * E/P - 1``.
+DeepSpeed names expert parameters ``...deepspeed_experts.<local index>.<name>``
+(``EXPERT_KEY``, from the one module that knows DeepSpeed's names); rank r of an ep_size-P
+group holds global experts ``r * E/P ... (r + 1) * E/P - 1``.
 """
 
 from __future__ import annotations
 
-import re
-
 from torch import Tensor
 
-_EXPERT_KEY = re.compile(r"(.*\.deepspeed_experts\.)(\d+)(\..*)")
+from ..modeling.deepspeed_moe import EXPERT_KEY, is_expert_key
+
+__all__ = ["EXPERT_KEY", "expert_parallel_rank", "is_expert_key", "local_expert_range", "to_global_experts",
+           "to_local_experts"]
 
 
 def local_expert_range(num_experts: int, ep_size: int, ep_rank: int) -> range:
@@ -26,7 +28,7 @@ def to_local_experts(state_dict: dict[str, Tensor], num_experts: int, ep_size: i
     wanted = local_expert_range(num_experts, ep_size, ep_rank)
     out = {}
     for key, value in state_dict.items():
-        match = _EXPERT_KEY.fullmatch(key)
+        match = EXPERT_KEY.fullmatch(key)
         if match is None:
             out[key] = value
         elif int(match[2]) in wanted:
@@ -40,7 +42,7 @@ def to_global_experts(state_dict: dict[str, Tensor], num_experts: int, ep_size: 
     first = local_expert_range(num_experts, ep_size, ep_rank).start
     out = {}
     for key, value in state_dict.items():
-        match = _EXPERT_KEY.fullmatch(key)
+        match = EXPERT_KEY.fullmatch(key)
         out[key if match is None else f"{match[1]}{int(match[2]) + first}{match[3]}"] = value
     return out
 
