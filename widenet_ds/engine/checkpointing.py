@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from ..config import WideNetConfig
 from ..modeling import WideNetForPreTraining
-from ..modeling.deepspeed_moe import is_expert_key
+from ..modeling.deepspeed_moe import EXPERT_FILE_GLOB, is_expert_key
 from ..safe_io import UnsafeFileError, load_pt, refuse_unsafe_globals, sha256_files
 
 log = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ def full_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not main.is_file():
         raise CheckpointError(f"{path}: no mp_rank_00_model_states.pt, not a DeepSpeed checkpoint")
     state = {k: v for k, v in _load(main)["module"].items() if not is_expert_key(k)}
-    for expert_file in sorted(path.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+    for expert_file in sorted(path.glob(EXPERT_FILE_GLOB)):
         state.update(_load(expert_file))
     return state
 

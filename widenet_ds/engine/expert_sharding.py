@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..modeling.deepspeed_moe import EXPERT_KEY, is_expert_key
+from ..modeling.deepspeed_moe import EXPERT_KEY, expert_parallel_rank_groups, is_expert_key
 
 __all__ = ["EXPERT_KEY", "expert_parallel_rank", "is_expert_key", "local_expert_range", "to_global_experts",
            "to_local_experts"]
@@ -51,8 +51,5 @@ def expert_parallel_rank(rank: int, world_size: int, ep_size: int, data_before_e
     """This rank's index in its expert-parallel group, as ``deepspeed.initialize`` will lay the groups
     out (``data_before_expert``: the JSON's ``use_data_before_expert_parallelism``). Known before
     the engine exists, so full weights can be sliced before DeepSpeed copies them into the optimizer."""
-    from deepspeed.utils.groups import _get_expert_parallel_ranks
-
-    groups, _ = _get_expert_parallel_ranks(world_size, 1, ep_size,
-                                           use_data_before_expert_parallel_=data_before_expert)
+    groups = expert_parallel_rank_groups(world_size, ep_size, data_before_expert)
     return next(group.index(rank) for group in groups if rank in group)

@@ -10,7 +10,8 @@ parameter name (``...deepspeed_experts.<local index>...``). The tree, from ``MoE
     moe.deepspeed_moe.gate   TopKGate subclass (gate.py)      (the router's weight ``wg``)
     moe.deepspeed_moe.experts.deepspeed_experts.<i>           Experts subclass (experts.py)
 
-Nothing else in ``widenet_ds`` imports ``deepspeed.moe``; tests/test_deepspeed_adapter.py checks
+The engine's expert-parallel plumbing (the rank layout of the groups, the optimizer's expert
+parameter groups) comes from here too. Nothing else in ``widenet_ds`` imports ``deepspeed.moe``; tests/test_deepspeed_adapter.py checks
 each name, signature and behaviour used here, so a DeepSpeed upgrade that changes one fails there
 with a message naming it.
 """
@@ -24,13 +25,15 @@ from deepspeed.comm import pg_utils
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer, TopKGate, _AllToAll, gumbel_rsample, multiplicative_jitter
+from deepspeed.moe.utils import is_moe_param_group, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 from torch import Tensor, nn
 
 __all__ = [
-    "EXPERTS_ATTR", "EXPERT_KEY", "MOE_EXPERTS_PATH", "Experts", "MOELayer", "MoE", "TopKGate", "all_reduce_max",
-    "all_to_all", "build_moe", "exchange_counts", "expert_module_prefix", "gumbel_rsample", "is_expert_key",
-    "is_parallel", "multiplicative_jitter", "tensor_parallel_active",
+    "EXPERTS_ATTR", "EXPERT_FILE_GLOB", "EXPERT_KEY", "MOE_EXPERTS_PATH", "Experts", "MOELayer", "MoE", "TopKGate",
+    "all_reduce_max", "all_to_all", "build_moe", "exchange_counts", "expert_module_prefix",
+    "expert_parallel_rank_groups", "gumbel_rsample", "is_expert_key", "is_parallel", "multiplicative_jitter",
+    "param_group_process_group", "split_moe_param_groups", "tensor_parallel_active",
 ]
 
 # DeepSpeed's name of the expert ModuleList (``Experts.deepspeed_experts``): in every expert
@@ -40,6 +43,8 @@ EXPERTS_ATTR = "deepspeed_experts"
 MOE_EXPERTS_PATH = f"moe.deepspeed_moe.experts.{EXPERTS_ATTR}"
 # A state-dict key of one expert's parameter: (prefix up to the list, local index, rest of the name).
 EXPERT_KEY = re.compile(rf"(.*\.{EXPERTS_ATTR}\.)(\d+)(\..*)")
+# DeepSpeed's expert checkpoint files in a tag folder (``_get_expert_ckpt_name``, model-parallel rank 0).
+EXPERT_FILE_GLOB = "layer_*_expert_*_mp_rank_00_model_states.pt"
 
 
 def is_expert_key(key: str) -> bool:
@@ -90,3 +95,25 @@ def tensor_parallel_active() -> bool:
     """Whether a tensor-parallel ``mpu`` is registered with DeepSpeed (its MOELayer then handles the
     duplicated tokens; this package's forward does not)."""
     return groups.mpu is not None
+
+
+def expert_parallel_rank_groups(world_size: int, ep_size: int, data_before_expert: bool) -> list[list[int]]:
+    """The expert-parallel groups' ranks, as ``deepspeed.initialize`` will lay them out (no model
+    parallelism; ``data_before_expert``: the JSON's ``use_data_before_expert_parallelism``)."""
+    expert_groups, _ = groups._get_expert_parallel_ranks(world_size, 1, ep_size,
+                                                         use_data_before_expert_parallel_=data_before_expert)
+    return expert_groups
+
+
+def split_moe_param_groups(param_groups: list[dict]) -> list[dict]:
+    """Optimizer parameter groups with the expert parameters split off into their own groups (by
+    their ``group_name`` tag), so their gradients reduce over the expert data-parallel group."""
+    return split_params_into_different_moe_groups_for_optimizer(param_groups)
+
+
+def param_group_process_group(param_group: dict):
+    """The process group over which DeepSpeed partitions an optimizer parameter group: the expert
+    data-parallel group for an expert group, the data-parallel group otherwise."""
+    if is_moe_param_group(param_group):
+        return groups._get_expert_data_parallel_group(param_group["name"])
+    return groups._get_data_parallel_group()
