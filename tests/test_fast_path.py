@@ -5,7 +5,7 @@ losses, expert counts and every gradient, on the same weights and inputs. The ro
 checked against tests/reference_router.py in tests/test_reference_router.py. The expert-parallel (ep_size 2) case is in tests/test_expert_parallel.py; the
 benchmark script's FLOP formula and smoke run are checked at the end."""
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -329,15 +329,13 @@ def test_received_slots_are_packed_expert_after_expert_and_back():
     torch.autograd.gradcheck(unpack, (torch.randn(P, 3, dtype=torch.float64, requires_grad=True),))
 
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+ROOT = Path(__file__).resolve().parents[1]  # the benchmarks run as modules from here: python -m benchmarks.X
+BENCH = [sys.executable, "-m", "benchmarks.bench_train"]
+EP_BENCH = ["--module", "benchmarks.bench_ep"]  # for deepspeed's launcher
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.bench_train")
 
 
 @pytest.mark.parametrize("preset_overrides", [dict(num_experts=1, top_k=1), dict(num_experts=4, top_k=2)])
@@ -364,9 +362,9 @@ def test_benchmark_flop_formula_counts_every_matmul(preset_overrides):
 
 def test_benchmark_script_runs_on_cpu_in_smoke_mode(tmp_path):
     # one dense and one MoE preset and stack (each row costs ~0.5 s here): every code path of the script
-    command = [sys.executable, str(BENCH), "--smoke", "--presets", "albert-base", "widenet-base-e4",
+    command = [*BENCH, "--smoke", "--presets", "albert-base", "widenet-base-e4",
                "--stacks", "dense", "moe-e4-top2", "--breakdown", "--out", str(tmp_path), "--name", "smoke"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
@@ -398,31 +396,31 @@ def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
     from data.helpers import VOCAB_SIZE, write_book
 
     made = tmp_path / "text.pt"
-    maker = [sys.executable, str(BENCH.parent / "text_batches.py"), "--text", str(write_book(tmp_path / "text")),
+    maker = [sys.executable, "-m", "benchmarks.text_batches", "--text", str(write_book(tmp_path / "text")),
              "--seq", "16", "--batch", "2", "--count", "2", "--vocab_size", str(VOCAB_SIZE),
              "--work_dir", str(tmp_path / "work"), "--out", str(made)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(maker, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(maker, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = torch.load(made, weights_only=True)
     assert saved["input_ids"].shape == (2, 2, 16) and saved["mlm_positions"].shape[:2] == (2, 2)
     assert (saved["labels"] != -100).sum() == (saved["mlm_positions"] >= 0).sum() > 0
 
-    command = [sys.executable, str(BENCH), "--smoke", "--tables", "train", "hf", "--presets", "widenet-base-e4",
+    command = [*BENCH, "--smoke", "--tables", "train", "hf", "--presets", "widenet-base-e4",
                "--impls", "grouped", "--warmup", "1", "--batches", str(made), "--out", str(tmp_path), "--name", "t"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "t.json").read_text())
     assert [r["error"] for r in results["rows"]] == [None, None]
     assert "2 real-text batches of seq 16" in results["meta"]["batches"][0]
     assert all(len(r["losses"]) == 3 for r in results["rows"])
 
-    bench = _bench_module()
+    bench, common = _bench_module(), importlib.import_module("benchmarks.common")
     args = bench.parse_args(["--smoke", "--batches", str(made)])
     feed = bench.batch_feed(args.text, args.batch, vocab=512, seq=16, device=torch.device("cpu"), mlm_positions=True)
     for step in range(5):  # the file's batches in turn, each key as saved
         batch = feed()
-        assert {k: v.dtype for k, v in batch.items()} == {k: torch.long for k in bench.TEXT_KEYS}
+        assert {k: v.dtype for k, v in batch.items()} == {k: torch.long for k in common.TEXT_KEYS}
         assert all(torch.equal(batch[k], saved[k][step % 2].long()) for k in bench.TEXT_KEYS)
     assert "mlm_positions" not in bench.batch_feed(args.text, 2, 512, 16, torch.device("cpu"), mlm_positions=False)()
     second_rank = bench.batch_feed(args.text, 2, 512, 16, torch.device("cpu"), mlm_positions=True, rank=1,
@@ -431,9 +429,9 @@ def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
 
     ep_out = tmp_path / "ep2.json"  # the expert-parallel benchmark on the same file: rank r its r-th batches
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(29600 + os.getpid() % 1000), str(BENCH.parent / "bench_ep.py"), "--smoke", "--ep_size", "2",
+               str(29600 + os.getpid() % 1000), *EP_BENCH, "--smoke", "--ep_size", "2",
                "--seq", "16", "--batch", "2", "--batches", str(made), "--out", str(ep_out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads(ep_out.read_text())
     assert (record["batches"], record["mlm_head"], record["seq"]) == ([str(made)], "masked", 16)
@@ -447,9 +445,9 @@ def test_benchmark_times_steps_of_several_micro_batches(tmp_path):
     """--grad_accum 3: a timed step is 3 micro-batches and one optimizer step (tokens and FLOPs x 3); CUDA graphs
     with accumulation under a config that keeps gradients between micro-batches are refused before any compute."""
     bench = _bench_module()
-    command = [sys.executable, str(BENCH), "--smoke", "--tables", "train", "hf", "--presets", "widenet-base-e4",
+    command = [*BENCH, "--smoke", "--tables", "train", "hf", "--presets", "widenet-base-e4",
                "--impls", "grouped", "--grad_accum", "3", "--out", str(tmp_path), "--name", "acc"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = json.loads((tmp_path / "acc.json").read_text())
     args = bench.parse_args(["--smoke"])
@@ -482,9 +480,9 @@ def test_benchmark_starts_from_an_exported_model_with_init(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = {}
     for name, extra in (("fresh", []), ("init", ["--init", str(tmp_path / "export")])):
-        command = [sys.executable, str(BENCH), "--smoke", "--tables", "train", "--presets", "widenet-base-e4",
+        command = [*BENCH, "--smoke", "--tables", "train", "--presets", "widenet-base-e4",
                    "--impls", "grouped", "--out", str(tmp_path), "--name", name, *extra]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         (row,) = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
         assert row["error"] is None
@@ -511,9 +509,9 @@ def test_expert_parallel_benchmark_runs_on_two_cpu_ranks(tmp_path):
     for name, extra in (("fresh", ["--impl", "batched"]), ("init", ["--impl", "grouped", "--init", str(tmp_path / "export")])):
         out = tmp_path / f"{name}.json"
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                   "--master_port", str(29700 + os.getpid() % 1000), str(BENCH.parent / "bench_ep.py"), "--smoke",
+                   "--master_port", str(29700 + os.getpid() % 1000), *EP_BENCH, "--smoke",
                    "--ep_size", "2", "--zero", "1:fp32", "--out", str(out), *extra]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         records[name] = record = json.loads(out.read_text())

@@ -144,8 +144,7 @@ def test_expert_benchmark_runs_on_cpu_in_smoke_mode(tmp_path):
     """benchmarks/bench_experts.py (the fused kernels' measurement), interpreted: both variants ran on
     the same inputs and agree; the kernel check is within bf16 rounding."""
     out = tmp_path / "experts.json"
-    script = HERE.parent / "benchmarks" / "bench_experts.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_experts", "--smoke", "--out", str(out)], cwd=HERE.parent,
                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())

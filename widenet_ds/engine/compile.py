@@ -26,7 +26,7 @@ def check_cuda_graphs(variant: str, run: RunConfig) -> None:
     A CUDA-graph replay writes its outputs, gradients included, into the memory of the previous
     replay. Where the engine keeps a micro-batch's gradients in ``param.grad`` until the next one
     adds to them, the next replay has overwritten them (torch raises "accessing tensor output of
-    CUDAGraphs that has been overwritten", seen on an H200 with the bf16 optimizer's default). With
+    CUDAGraphs that has been overwritten", e.g. with the bf16 optimizer's default). With
     one micro-batch per step, or with DeepSpeed's bf16 optimizer moving each gradient into its fp32
     buffer as it is made (``immediate_grad_update``), nothing is kept."""
     if run.grad_accum == 1 or not uses_cuda_graphs(variant):
