@@ -421,7 +421,7 @@ def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
     for step in range(5):  # the file's batches in turn, each key as saved
         batch = feed()
         assert {k: v.dtype for k, v in batch.items()} == {k: torch.long for k in common.TEXT_KEYS}
-        assert all(torch.equal(batch[k], saved[k][step % 2].long()) for k in bench.TEXT_KEYS)
+        assert all(torch.equal(batch[k], saved[k][step % 2].long()) for k in common.TEXT_KEYS)
     assert "mlm_positions" not in bench.batch_feed(args.text, 2, 512, 16, torch.device("cpu"), mlm_positions=False)()
     second_rank = bench.batch_feed(args.text, 2, 512, 16, torch.device("cpu"), mlm_positions=True, rank=1,
                                   world=2)

@@ -22,7 +22,9 @@ Shape legend. A tensor's name ends with its dimensions (``x_BTH`` is (B, T, H)):
     C  capacity: slots per expert         X  expert slots E*C, or packed rows of the grouped experts
     G  expert-parallel ranks (ep_size)    L  local experts of a rank (E / G)
     N  slots per local expert over the group (G*C)
-    P  packed rows of the slots a rank received
+    Q  packed rows of the slots an expert-parallel rank received
+    J  routing calls of one forward (one per block that runs the MoE)
+    P  MLM positions per sequence (``mlm_positions``)    V  vocabulary
     2  two rows (``counts_2E``: received, kept); 1 a broadcast dimension (``mask_B11T``)
 
 Lower-case ``i``/``o`` are a linear layer's in and out features where they may be H or I.

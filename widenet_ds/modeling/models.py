@@ -32,8 +32,8 @@ class WideNetModelOutput(ModelOutput):
     last_hidden_state: Tensor | None = None  # (B, T, H)
     pooler_output: Tensor | None = None  # (B, H) tanh(dense([CLS]))
     aux_loss: Tensor | None = None  # lambda / T * sum of per-call l_aux (None without MoE)
-    expert_counts: Tensor | None = None  # (T, E) routes per expert, per routing call
-    dropped_fraction: Tensor | None = None  # (T,) share of routes dropped, per routing call
+    expert_counts: Tensor | None = None  # (J, E) routes per expert, per routing call
+    dropped_fraction: Tensor | None = None  # (J,) share of routes dropped, per routing call
 
 
 @dataclass

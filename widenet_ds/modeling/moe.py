@@ -107,11 +107,11 @@ class GatherMOELayer(MOELayer):
         empty slots come back zero): the ranks swap their kept counts per expert, then the filled
         slots are packed, run as grouped matmuls and unpacked."""
         counts_GL = exchange_kept_counts(self.exp_counts[1], self.ep_group).view(self.ep_size, self.num_local_experts)
-        source_P, packed_X, end_L, expert_P, _ = received_packing(counts_GL, capacity)
+        source_Q, packed_X, end_L, expert_Q, _ = received_packing(counts_GL, capacity)
         # Packing and unpacking are one-to-one moves of rows: dispatches with one route per row (K = 1).
-        rows_PH = _Dispatch.apply(slots_XH, packed_X[None], source_P)
-        out_PH = self.experts.forward_grouped(rows_PH, end_L, expert_P, self.fused_act)
-        return _Dispatch.apply(out_PH, source_P[None], packed_X)
+        rows_QH = _Dispatch.apply(slots_XH, packed_X[None], source_Q)
+        out_QH = self.experts.forward_grouped(rows_QH, end_L, expert_Q, self.fused_act)
+        return _Dispatch.apply(out_QH, source_Q[None], packed_X)
 
     def _grouped_fits(self, x: Tensor) -> bool:
         """``grouped_mm_is_fast`` for these tokens (or ``grouped_anywhere``); warns once when the layer

@@ -65,25 +65,25 @@ def received_packing(counts_GL: Tensor, capacity: int) -> tuple[Tensor, Tensor, 
     its L local experts, of which the first ``counts_GL[g, l]`` are filled (a route's location is
     its rank among its expert's kept routes). The filled slots are packed expert after expert (ranks
     in order within an expert), each expert's group padded to ``GROUP_ALIGN`` rows. Returns
-    ``source_P`` (each packed row's received slot, G*L*C for a padding row), ``packed_X`` (each
-    received slot's packed row, P for an empty slot), ``end_L`` (int32 group ends), ``expert_P``
-    (each row's local expert, L past the last group) and P, the number of packed rows (a bound known
+    ``source_Q`` (each packed row's received slot, G*L*C for a padding row), ``packed_X`` (each
+    received slot's packed row, Q for an empty slot), ``end_L`` (int32 group ends), ``expert_Q``
+    (each row's local expert, L past the last group) and Q, the number of packed rows (a bound known
     on the host).
     """
     G, L = counts_GL.shape
     X = G * L * capacity
-    P = -(-(X + (GROUP_ALIGN - 1) * L) // GROUP_ALIGN) * GROUP_ALIGN
+    Q = -(-(X + (GROUP_ALIGN - 1) * L) // GROUP_ALIGN) * GROUP_ALIGN
     rows_L = (counts_GL.sum(0) + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
     end_L = rows_L.cumsum(0)
     start_GL = (end_L - rows_L)[None, :] + counts_GL.cumsum(0) - counts_GL  # each rank's block in its expert's group
     location_C = torch.arange(capacity, device=counts_GL.device)
-    packed_GLC = torch.where(location_C < counts_GL[..., None], start_GL[..., None] + location_C, P)
+    packed_GLC = torch.where(location_C < counts_GL[..., None], start_GL[..., None] + location_C, Q)
     packed_X = packed_GLC.reshape(-1)
-    # Empty slots all write the extra row P, which is cut off: no other row is written twice.
-    source_P = torch.full((P + 1,), X, dtype=torch.long, device=counts_GL.device)
-    source_P.scatter_(0, packed_X, torch.arange(X, device=counts_GL.device))
-    expert_P = torch.searchsorted(end_L, torch.arange(P, device=counts_GL.device), right=True)
-    return source_P[:P], packed_X, end_L.to(torch.int32), expert_P, P
+    # Empty slots all write the extra row Q, which is cut off: no other row is written twice.
+    source_Q = torch.full((Q + 1,), X, dtype=torch.long, device=counts_GL.device)
+    source_Q.scatter_(0, packed_X, torch.arange(X, device=counts_GL.device))
+    expert_Q = torch.searchsorted(end_L, torch.arange(Q, device=counts_GL.device), right=True)
+    return source_Q[:Q], packed_X, end_L.to(torch.int32), expert_Q, Q
 
 
 def slot_maps(slot_KS: Tensor, gates_KS: Tensor, num_slots: int) -> tuple[Tensor, Tensor]:
