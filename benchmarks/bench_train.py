@@ -10,9 +10,9 @@ Three tables, one run (see benchmarks/README.md for the formula and the flags):
 
 MFU = model FLOPs per step / step time / the measured bf16 matmul ceiling (8192^3).
 
-    python benchmarks/bench_train.py                      # everything eager, every MoE impl (to runs/benchmarks)
-    python benchmarks/bench_train.py --compile model --breakdown   # compiled, with phase times
-    python benchmarks/bench_train.py --smoke              # CPU, debug shapes, 2 steps (the test)
+    python -m benchmarks.bench_train                    # everything eager, every MoE impl (to runs/benchmarks)
+    python -m benchmarks.bench_train --compile model --breakdown   # compiled, with phase times
+    python -m benchmarks.bench_train --smoke              # CPU, debug shapes, 2 steps (the test)
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Export a pretraining checkpoint (any ep_size) to a Hugging Face folder that loads without DeepSpeed.
+"""Export a pretraining or image-classifier checkpoint (any ep_size) to a Hugging Face folder that loads
+without DeepSpeed (an image classifier with its image processor).
 
     python launch/export.py runs/wn-e4/checkpoints/step_00010000 runs/wn-e4/export-10k
     python launch/export.py runs/wn-e4 runs/wn-e4/export-latest     # the run's newest complete checkpoint

@@ -330,13 +330,13 @@ def test_a_second_job_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(
 def test_two_jobs_started_into_one_folder_one_refuses(tmp_path):
     """Two real processes: the second finds the first's lock and refuses; the first's run is intact."""
     corpus = _corpus(tmp_path / "corpus")
-    args = COMMON + ["--train_files", *corpus, "--output_dir", str(tmp_path / "run"), "--max_steps", "400",
+    args = COMMON + ["--train_files", *corpus, "--output_dir", str(tmp_path / "run"), "--max_steps", "100000",
                      "--save_every", "0", "--eval_every", "0"]
     first = subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_step(tmp_path / "run" / "metrics.jsonl", 1, first)
-        second = _script("pretrain.py", args + ["--resume", "auto"])
+        second = _script("pretrain.py", args + ["--resume", "auto"], timeout=600)
         _refused(second, "is in use by pretrain", f"pid {first.pid}")
     finally:
         first.terminate()
@@ -427,7 +427,7 @@ def test_a_read_only_checkpoints_folder_is_refused_before_training(trained, tmp_
 # --- 6. pre-emption -----------------------------------------------------------------------------
 
 
-def _wait_for_step(metrics: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_for_step(metrics: Path, step: int, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, "the run ended before it could be interrupted"

@@ -209,13 +209,19 @@ class WideNetConfig(PreTrainedConfig):
         return p
 
     @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        """The named presets of this config class."""
+        return PRESETS
+
+    @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> WideNetConfig:
-        """A named preset (see ``PRESETS``), with field overrides."""
-        if name not in PRESETS:
-            raise ConfigError("preset", [f"unknown preset '{name}' (known: {', '.join(PRESETS)})"])
+        """A named preset (see ``presets()``), with field overrides."""
+        presets = cls.presets()
+        if name not in presets:
+            raise ConfigError("preset", [f"unknown preset '{name}' (known: {', '.join(presets)})"])
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)} - {"num_labels"})
         _raise_if(f"overrides of preset '{name}'", [f"unknown field '{k}'" for k in unknown])
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**presets[name], **overrides})
 
     def with_moe_settings(self, settings: MoESettings) -> WideNetConfig:
         """Record run-time MoE settings (from a DeepSpeed JSON) in this config; returns self."""
@@ -254,3 +260,83 @@ def _presets() -> dict[str, dict[str, Any]]:
 
 # debug, widenet-small, albert-base, bert-base, widenet-base-e4/e8/e16, and the same at -large.
 PRESETS: dict[str, dict[str, Any]] = _presets()
+
+
+class WideNetVisionConfig(WideNetConfig):
+    """Architecture of a vision transformer on the same encoder: ViT (no sharing, dense FFN), WideNet
+    (shared attention and MoE, one LayerNorm pair per block) or ViT-MoE (MoE in every other block).
+
+    The image is cut into ``patch_size`` x ``patch_size`` patches, each projected to ``hidden_size``; a
+    class token and learned positions are added, and the classifier reads the class token after the
+    encoder's final LayerNorm. The text fields (vocab_size, embedding_size, ...) are unused.
+    """
+
+    model_type = "widenet_vision"
+
+    image_size: int = 224  # side of the (square) input image, in pixels
+    patch_size: int = 16  # side of a patch; image_size must be a multiple of it
+    num_channels: int = 3  # input channels (RGB)
+    moe_every: int = 1  # with share_ffn False: an MoE in every moe_every-th block (ViT-MoE: 2), dense elsewhere
+    pooling: str = "token"  # what the classifier reads: the class token, or the "mean" of the patch tokens
+    hidden_act: str = "gelu"  # ViT's exact GELU
+    layer_norm_eps: float = 1e-6  # ViT's LayerNorm epsilon
+    classifier_dropout_prob: float = 0.0  # dropout before the classifier
+    tie_word_embeddings: bool = False  # no word embeddings
+
+    @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return VISION_PRESETS
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        for name in ("image_size", "patch_size", "num_channels", "moe_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                p.append(f"{name} must be a positive integer, got {value!r}")
+        if self.pooling not in ("token", "mean"):
+            p.append(f"pooling must be 'token' or 'mean', got {self.pooling!r}")
+        if not p and self.image_size % self.patch_size:
+            p.append(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if not p and self.moe_every > 1 and self.share_ffn:
+            p.append(f"moe_every {self.moe_every} needs share_ffn false (a shared FFN is one module: every "
+                     "block runs the same one)")
+        if not p and self.moe_every > 1 and self.num_experts == 1:
+            p.append(f"moe_every {self.moe_every} needs num_experts > 1")
+        return p
+
+
+def _vision_family(name: str, hidden: int, layers: int, heads: int, ffn: int, moe_ffn: int) -> dict[str, dict]:
+    """ViT, WideNet (E=4, K=2) and ViT-MoE (MoE every other block, E=4, K=2) at one ViT size."""
+    # dropout 0.1: the official WideNet code's ViT configs (dropout_rate 0.1, attention dropout 0)
+    shape = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, image_size=224,
+                 patch_size=16, pre_layer_norm=True, share_layer_norm=False, hidden_dropout_prob=0.1)
+    moe = dict(num_experts=4, top_k=2)
+    return {
+        f"vit-{name}16": dict(shape, intermediate_size=ffn, num_experts=1, top_k=1, share_attention=False,
+                              share_ffn=False),
+        f"widenet-vit-{name}": dict(shape, **moe, intermediate_size=moe_ffn, share_attention=True, share_ffn=True),
+        f"vit-moe-{name}16": dict(shape, **moe, intermediate_size=ffn, share_attention=False, share_ffn=False,
+                                  moe_every=2),
+    }
+
+
+def _vision_presets() -> dict[str, dict[str, Any]]:
+    presets = {
+        # 32 px images, 8 px patches (16 patches + the class token): trains in seconds on a CPU
+        "debug": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                      image_size=32, patch_size=8, num_experts=4, top_k=2),
+    }
+    # ViT-B/L/H widths and depths; WideNet's MoE FFN 4096 / 4096 / 5120 (the paper's WideNet-B/L/H)
+    for name, shape in (("b", (768, 12, 12, 3072, 4096)), ("l", (1024, 24, 16, 4096, 4096)),
+                        ("h", (1280, 32, 16, 5120, 5120))):
+        presets.update(_vision_family(name, *shape))
+    return presets
+
+
+# debug, vit-b16 / -l16 / -h16, widenet-vit-b / -l / -h, vit-moe-b16 / -l16 / -h16 (1000 classes unless
+# num_labels is given).
+VISION_PRESETS: dict[str, dict[str, Any]] = _vision_presets()

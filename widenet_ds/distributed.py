@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,10 @@ T = TypeVar("T")
 
 class RankZeroError(RuntimeError):
     """A check that rank 0 made for every rank failed; rank 0 raises (and reports) the original error."""
+
+
+class MissingBuildToolError(RuntimeError):
+    """DeepSpeed has to compile an op for this machine and the C++ compiler (or ninja) is not installed."""
 
 
 def on_rank_zero(work: Callable[[], T], share_result: bool = True) -> T | None:
@@ -79,8 +85,72 @@ def init_distributed() -> None:
         check_gloo_interface()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    prepare_communication_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     _remove_shm_buffer()
+
+
+COMPILING_NOTICE = "DeepSpeed is compiling its CPU communication op (first run only, about a minute)..."
+
+
+def prepare_communication_op() -> None:
+    """Before DeepSpeed joins the process group on a CPU: it compiles its shared-memory communication
+    op (``deepspeed_shm_comm``) on first use, which takes from 30 s to minutes without a word. Say so
+    in one line (local rank 0) when the op is not built yet, and refuse at once, with what to install,
+    when the compiler or ninja it needs is missing (DeepSpeed would fail with a long build log).
+    Nothing happens where the op is built already, or where DeepSpeed does not use it (GPUs)."""
+    builder = _communication_op_builder()
+    if builder is None or op_is_built(builder):
+        return
+    check_build_tools(builder.name)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(COMPILING_NOTICE, file=sys.stderr, flush=True)
+
+
+def _communication_op_builder():
+    """DeepSpeed's builder of the op its communication backend loads on this accelerator (None: no such op)."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    try:
+        return builder if builder is not None and builder.is_compatible(verbose=False) else None
+    except Exception:  # noqa: BLE001 - DeepSpeed treats a failing probe as "not compatible" and skips the op
+        return None
+
+
+def op_is_built(builder) -> bool:
+    """Whether DeepSpeed loads ``builder``'s op without compiling: installed prebuilt, or in torch's
+    extension cache (``TORCH_EXTENSIONS_DIR``, else ~/.cache/torch_extensions) and newer than its sources."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT build puts the op
+    except ImportError:  # another torch: the cache's place is unknown, so say nothing rather than guess
+        return True
+    if installed_ops.get(builder.name, False) and accelerator_name == get_accelerator()._name:
+        return True
+    library = Path(_get_build_directory(builder.name, verbose=False)) / f"{builder.name}.so"
+    if not library.is_file():
+        return False
+    sources = [Path(builder.deepspeed_src_path(source)) for source in builder.sources()]
+    built = library.stat().st_mtime
+    return all(not source.is_file() or source.stat().st_mtime <= built for source in sources)
+
+
+def check_build_tools(op_name: str) -> None:
+    """Refuse, before any compute, to let DeepSpeed compile without a C++ compiler or ninja."""
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    compiler = get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        raise MissingBuildToolError(
+            f"DeepSpeed compiles its CPU communication op ({op_name}) on the first run, but the C++ compiler "
+            f"{compiler!r} is not found{' (the CXX variable)' if os.environ.get('CXX') else ''}: install g++ "
+            "(e.g. apt-get install g++, or conda install gxx) and run again")
+    if shutil.which("ninja") is None:
+        raise MissingBuildToolError(f"DeepSpeed compiles its CPU communication op ({op_name}) on the first run "
+                                    "with ninja, which is not found: pip install ninja, and run again")
 
 
 def _remove_shm_buffer() -> None:

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import WideNetConfig
-from ..modeling import WideNetForPreTraining
+from ..config import WideNetConfig, WideNetVisionConfig
+from ..modeling import WideNetForImageClassification, WideNetForPreTraining, image_processor_for
 from ..modeling.deepspeed_moe import EXPERT_FILE_GLOB, is_expert_key
 from ..safe_io import UnsafeFileError, load_pt, refuse_unsafe_globals, sha256_files
 
@@ -271,8 +271,11 @@ def check_architecture(path: Path, config: WideNetConfig) -> None:
     saved_path = path / "config.json"
     if not saved_path.is_file():
         raise CheckpointError(f"{path}: no config.json, not a widenet-ds checkpoint")
-    saved = WideNetConfig.from_json_file(saved_path)
-    fields = sorted(set(WideNetConfig.__annotations__) - RUNTIME_FIELDS)
+    saved = type(config).from_json_file(saved_path)
+    # the fields of the config's class and of its WideNetConfig bases (a vision config adds its own)
+    annotated = {name for cls in type(config).__mro__ if issubclass(cls, WideNetConfig)
+                 for name in vars(cls).get("__annotations__", {})}
+    fields = sorted(annotated - RUNTIME_FIELDS)
     diffs = [f"{k}: checkpoint {getattr(saved, k)!r} vs this run {getattr(config, k)!r}"
              for k in fields if getattr(saved, k) != getattr(config, k)]
     if diffs:
@@ -351,7 +354,8 @@ def _load(file: Path) -> Any:
 
 
 def export_pretrained(path: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write a Hugging Face folder (config, safetensors, tokenizer) from a complete checkpoint.
+    """Write a Hugging Face folder (config, safetensors, tokenizer) from a complete checkpoint; for an image
+    classifier's checkpoint, its image processor instead of a tokenizer.
 
     The export holds every expert, so its config records ep_size 1; the other MoE settings
     are the ones the run used.
@@ -360,12 +364,15 @@ def export_pretrained(path: str | Path, out_dir: str | Path, tokenizer_dir: str 
 
     path, out_dir = Path(path), Path(out_dir)
     verify_checkpoint(path)
-    config = WideNetConfig.from_json_file(path / "config.json")
+    vision = json.loads((path / "config.json").read_text()).get("model_type") == WideNetVisionConfig.model_type
+    config = (WideNetVisionConfig if vision else WideNetConfig).from_json_file(path / "config.json")
     config.moe = {**config.moe, "ep_size": 1}
-    model = WideNetForPreTraining(config)
+    model = WideNetForImageClassification(config) if vision else WideNetForPreTraining(config)
     load_full_weights(model, path)
     with replace_folder(out_dir) as folder:  # the old export or the new one, never half of one
         model.save_pretrained(folder)
+        if vision:  # an image classifier's preprocessing travels with it
+            image_processor_for(config).save_pretrained(folder)
         if tokenizer_dir is not None:
             from transformers import AutoTokenizer
 

@@ -29,7 +29,7 @@ seq_parallel_communication_data_type dataloader_drop_last aio compression_traini
 curriculum_learning compile disable_allgather disable_python_gc log_level use_data_before_expert_parallelism
 managed_gradient_accumulation pipeline sparse_attention timers nebula hybrid_engine monitor_config
 """.split())
-PROJECT_KEYS = frozenset({"moe", "nonfinite_loss"})
+PROJECT_KEYS = frozenset({"moe", "nonfinite_loss", "augmentation"})  # augmentation: read by the image job
 NONFINITE_ACTIONS = ("stop", "skip")
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 OPTIMIZERS = ("AdamW", "Lamb")

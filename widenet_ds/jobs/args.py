@@ -14,7 +14,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """``--help`` shows each option's default, except where there is none (None, a flag's False)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or action.default == [] or "%(default)" in (action.help or ""):
+        no_default = action.default is None or action.default is False or action.default == []  # 0 is shown
+        if no_default or "%(default)" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -134,7 +135,7 @@ def add_profile_argument(group) -> None:
     group.add_argument("--profile", type=profile_steps, metavar="FIRST:LAST",
                        help="torch.profiler over these optimizer steps: a Chrome/Perfetto trace and tables of the "
                             "busiest operators (host and GPU) per rank in output_dir/profile/; pick steps after the "
-                            "first ones (compilation, CUDA-graph recording)")
+                            "first ones (compilation, CUDA-graph recording) (default: none, no profile)")
 
 
 

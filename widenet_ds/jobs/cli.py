@@ -17,17 +17,21 @@ DEBUG_VARIABLE = "WIDENET_DS_DEBUG"
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that report a user's mistake (each message says what to fix)."""
+    from ..analysis.errors import ReportError
     from ..config import ConfigError
     from ..data import CacheError, CorpusError, TokenizerError
-    from ..distributed import RankZeroError
+    from ..data.images import ImageDataError
+    from ..distributed import MissingBuildToolError, RankZeroError
     from ..engine.checkpointing import CheckpointError
     from ..engine.guards import NonFiniteLossError
     from ..glue import GlueDataError
     from ..safe_io import UnsafeFileError
+    from ..squad import SquadDataError
     from .run_dir import OutputDirError
 
     return (ConfigError, CheckpointError, CorpusError, TokenizerError, CacheError, GlueDataError, OutputDirError,
-            UnsafeFileError, NonFiniteLossError, RankZeroError)
+            UnsafeFileError, NonFiniteLossError, RankZeroError, SquadDataError, ReportError, ImageDataError,
+            MissingBuildToolError)
 
 
 def main(entry: Callable[[], Any]) -> Any:

@@ -74,7 +74,7 @@ from .args import (
     parse_overrides,
     positive_float,
 )
-from .loop import MetricWindow, StepProfiler, train_step
+from .loop import Schedule, StepProfiler, TrainingLoop
 from .metrics import MetricsWriter, start_run_log
 from .run_dir import (
     REPO_ROOT,
@@ -93,10 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter, epilog=describe_task_columns())
     data = p.add_argument_group("data (default: the hub's nyu-mll/glue)")
     data.add_argument("--task", required=True, help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli")
-    data.add_argument("--data_dir", help="a folder in the GLUE download layout (MNLI/dev_matched.tsv ...)")
-    data.add_argument("--train_file", help="CSV / JSON / JSONL / TSV of the train split")
-    data.add_argument("--validation_file", help="... of the (first) dev split, e.g. MNLI's validation_matched")
-    data.add_argument("--test_file", help="... of the (first) test split")
+    data.add_argument("--data_dir", help="a folder in the GLUE download layout (MNLI/dev_matched.tsv ...) "
+                      "(default: none, the hub's nyu-mll/glue unless data files are given)")
+    data.add_argument("--train_file", help="CSV / JSON / JSONL / TSV of the train split (columns: see below; "
+                      "default: none, --data_dir or the hub)")
+    data.add_argument("--validation_file", help="... of the (first) dev split, e.g. MNLI's validation_matched "
+                      "(default: none, as --train_file)")
+    data.add_argument("--test_file", help="... of the (first) test split (default: none, as --train_file)")
     data.add_argument("--split_file", action="append", default=[], metavar="SPLIT=PATH",
                       help="a file for any other split, e.g. validation_mismatched=dev_mm.jsonl (repeatable)")
     data.add_argument("--skip_malformed", action="store_true", help="skip (and count) malformed rows")
@@ -115,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output_dir", help="best model, results, submission files, metrics (default: runs/glue/<task>)")
     add_output_arguments(run, resumable=False)
     run.add_argument("--max_steps", type=at_least(1), help="optimizer steps (default: the JSON's total_num_steps)")
-    run.add_argument("--epochs", type=positive_float, help="train this many epochs instead of --max_steps")
+    run.add_argument("--epochs", type=positive_float,
+                     help="train this many epochs instead of --max_steps (default: none, --max_steps decides)")
     run.add_argument("--seed", type=int, default=42, help="seeds the classifier's initialisation and the data order")
     run.add_argument("--eval_every", type=at_least(0), default=1000,
                      help="steps between dev evaluations (0: only at the end)")
@@ -355,31 +359,21 @@ def evaluate(job: Job) -> tuple[dict[str, float], dict[str, np.ndarray]]:
 
 def fit(job: Job) -> dict[str, Any]:
     """Train for ``max_steps``, evaluating every ``--eval_every`` steps and at the end; returns the best."""
-    from tqdm.auto import tqdm
+    args, logits = job.args, {}
 
-    args, engine = job.args, job.engine
-    world = _rank_world()[1]
-    batches, window = train_batches(job), MetricWindow()
-    guard = NonFiniteGuard(**job.run.nonfinite_loss)
-    profiler = StepProfiler(args.profile, job.output_dir / "profile")
-    bar = tqdm(total=job.max_steps, disable=not is_main_process(), desc=f"finetune {job.task.name}")
-    engine.train()
-    for step in range(1, job.max_steps + 1):
-        profiler.begin(step)
-        train_step(engine, batches, job.run.grad_accum, window, guard, step)
-        profiler.end(step)
-        bar.update(1)
-        if step % args.log_every == 0 or step == job.max_steps:
-            record = window.record(step, engine.get_lr()[0], world)
-            job.metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
-            window.reset()
-        if (args.eval_every and step % args.eval_every == 0) or step == job.max_steps:
-            metrics, logits = evaluate(job)
-            job.metrics.write({"step": step, **metrics}, prefix="eval")
-            log.info("step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
-            keep_if_best(job, step, metrics, logits)
-    bar.close()
+    def evaluate_dev(step: int) -> dict[str, float]:
+        metrics, logits[step] = evaluate(job)
+        return metrics
+
+    schedule = Schedule(max_steps=job.max_steps, log_every=args.log_every, eval_every=args.eval_every,
+                        eval_at_end=True)
+    loop = TrainingLoop(job.engine, train_batches(job), schedule, grad_accum=job.run.grad_accum,
+                        metrics=job.metrics, guard=NonFiniteGuard(**job.run.nonfinite_loss),
+                        profiler=StepProfiler(args.profile, job.output_dir / "profile"),
+                        description=f"finetune {job.task.name}", evaluate=evaluate_dev,
+                        after_eval=lambda step, metrics: keep_if_best(job, step, metrics, logits.pop(step)),
+                        logger=log)
+    loop.run({"step": 0})
     return job.best
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import close_distributed, is_main_process
-from ..glue import GlueDataError, TaskSpec, get_task, results_table
+from ..glue import GlueDataError, TaskSpec, describe_task_columns, get_task, results_table
 from . import finetune
+from .args import HelpFormatter
 from .run_dir import is_finished
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,15 @@ def run_grid(models: list[str], tasks: list[str], seeds: list[int], output_dir: 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="GLUE dev results of several models as a paper-style table. "
-                                "Arguments not listed here go to every fine-tuning run (see finetune_glue.py).")
+                                "Arguments not listed here go to every fine-tuning run (see finetune_glue.py).",
+                                formatter_class=HelpFormatter, epilog=describe_task_columns())
     p.add_argument("mode", choices=("run", "collect"), help="run the fine-tuning grid, or only collect results")
-    p.add_argument("folders", nargs="*", help="collect: folders searched for eval_results.json")
+    p.add_argument("folders", nargs="*", help="collect: folders searched for eval_results.json (default: --output_dir)")
     p.add_argument("--models", nargs="+", default=[], help="run: LABEL=PATH (or PATH), PATH as --model_name_or_path")
     p.add_argument("--tasks", nargs="+", help="run: tasks; both modes: the table's columns (default: all present)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[42])
-    p.add_argument("--output_dir", default="runs/glue")
+    p.add_argument("--seeds", nargs="+", type=int, default=[42], help="run: one fine-tuning run per seed")
+    p.add_argument("--output_dir", default="runs/glue",
+                   help="run: <output_dir>/<model>/<task>/seed<k> per run; collect: searched when no folders are given")
     p.add_argument("--aggregate", choices=("median", "mean"), default="median", help="how seeds are combined")
     return p
 

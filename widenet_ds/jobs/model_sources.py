@@ -10,8 +10,8 @@
   (see ``upcycling.py``).
 
 Each becomes a ``Start``: the architecture, and the full weights (every expert under its
-global index) in ``WideNetForSequenceClassification``'s names. Pretraining heads are dropped;
-the classifier (and, when upcycling, the router) start fresh.
+global index) in ``WideNetForSequenceClassification``'s names. Pretraining heads and a SQuAD
+span head are dropped; the classifier (and, when upcycling, the router) start fresh.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ from .upcycling import (
 )
 
 PRESET_PREFIX = "preset:"
-_HEADS = ("predictions.", "sop_classifier.")  # pretraining heads: not part of a classifier
+# heads of other tasks, never part of this run's model: the pretraining heads, and the span head of a
+# SQuAD fine-tuned folder (which thus starts GLUE fine-tuning with a fresh classifier)
+_HEADS = ("predictions.", "sop_classifier.", "qa_outputs.")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.txt")
 _FIELDS = frozenset(f.name for f in dataclasses.fields(WideNetConfig))
 

@@ -3,10 +3,12 @@
 SLURM and Kubernetes send SIGTERM some seconds before they kill a job (SLURM also sends SIGUSR1
 when asked with ``--signal=USR1@SECONDS``). SLURM signals every process of the job, so a rank
 usually gets SIGTERM twice: once from the scheduler and once more from DeepSpeed's per-node
-launcher (``deepspeed.launcher.launch``), which passes it on to its ranks and kills them 30 s later. :class:`StopSignals` turns such a signal into a request: the training
-loop finishes its optimizer step, every rank agrees at the step boundary (the flag travels with
-the step's NaN check, ``widenet_ds.engine.guards``), the job saves a checkpoint and exits 0, and
-``--resume auto`` continues with the losses of an uninterrupted run.
+launcher (``deepspeed.launcher.launch``), which passes it on to its ranks and kills them 30 s
+later. :class:`StopSignals` turns such a signal into a request: the training loop
+(``widenet_ds.jobs.loop.TrainingLoop``) finishes its optimizer step, every rank agrees at the
+step boundary (the flag travels with the step's NaN check, ``widenet_ds.engine.guards``), the
+job saves a checkpoint and exits 0, and ``--resume auto`` continues with the losses of an
+uninterrupted run.
 
 If the job is not done within ``grace_s`` seconds of the signal (a step or a save that takes
 longer), it exits with status 1 rather than be killed in the middle of something; an unfinished

@@ -1,8 +1,8 @@
 """Pretraining: corpus -> SentencePiece tokenizer -> ALBERT-style MLM + SOP examples ->
 DeepSpeed training with checkpoints, evaluation, metrics and a Hugging Face export.
 
-``setup`` checks everything a user can get wrong before any compute, ``fit`` trains,
-``evaluate`` measures MLM and SOP accuracy on the held-out split. ``launch/pretrain.py``
+``setup`` checks everything a user can get wrong before any compute, ``fit`` trains (the
+shared ``TrainingLoop`` with this job's evaluation, checkpoints and stop), ``evaluate`` measures MLM and SOP accuracy on the held-out split. ``launch/pretrain.py``
 only parses the command line and calls ``run``.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..analysis.evaluation import evaluation_statistics
 from ..config import PRESETS, ConfigError, WideNetConfig
 from ..distributed import (
     distributed_session,
@@ -40,13 +41,13 @@ from .args import (
     check_profile_steps,
     parse_overrides,
 )
-from .loop import MetricWindow, StepProfiler, train_step
+from .loop import MetricWindow, Schedule, StepProfiler, TrainingLoop
 from .metrics import MetricsWriter, start_run_log
-from .preemption import StopSignals
 from .run_dir import REPO_ROOT, OutputDirLock, claim_output_dir, write_run_record
 
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "pretrain_cpu_smoke.json"
 JOB = "pretrain"  # recorded in run.json: another job refuses this output folder
+STATISTICS_BATCHES = 8  # held-out batches the block-similarity statistic reads at each evaluation
 log = logging.getLogger(__name__)
 
 
@@ -56,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--train_files", nargs="+", help="globs of .txt / .jsonl / .parquet files "
                       "(default: the docstrings of Python's standard library, a small built-in corpus)")
-    data.add_argument("--dataset", help="a datasets hub name instead of files, e.g. wikitext")
-    data.add_argument("--dataset_config", help="the hub dataset's config, e.g. wikitext-103-raw-v1")
+    data.add_argument("--dataset", help="a datasets hub name instead of files, e.g. wikitext (default: none, the "
+                      "files of --train_files)")
+    data.add_argument("--dataset_config", help="the hub dataset's config, e.g. wikitext-103-raw-v1 (default: the "
+                      "dataset's default config)")
     data.add_argument("--text_field", default="text", help="text column of .jsonl / .parquet / hub data")
     data.add_argument("--tokenizer", help="an existing tokenizer folder (default: train one into output_dir/tokenizer)")
     data.add_argument("--vocab_size", type=at_least(6), help="SentencePiece vocabulary when training one "
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--output_dir", default="runs/pretrain", help="checkpoints, metrics, tokenizer, final export")
     run.add_argument("--max_steps", type=at_least(1), default=200, help="optimizer steps")
-    run.add_argument("--resume", help="'auto' (newest complete checkpoint in output_dir, if any) or a path")
+    run.add_argument("--resume", help="'auto' (newest complete checkpoint in output_dir, if any) or a path "
+                     "(default: none, a new run)")
     add_output_arguments(run, resumable=True)
     run.add_argument("--seed", type=int, default=42, help="seeds the data split, masking and initialisation")
     run.add_argument("--log_every", type=at_least(1), default=10, help="steps between metric records")
@@ -243,46 +247,25 @@ def _save(job: Job) -> None:
 def fit(job: Job) -> list[dict[str, Any]]:
     """Train to ``--max_steps``, or until a stop signal (``widenet_ds.jobs.preemption``): then save and return.
     Returns the logged records."""
-    from tqdm.auto import tqdm
-
-    args, engine = job.args, job.engine
+    args = job.args
     world = dist.get_world_size() if dist.is_initialized() else 1
-    batches = job.data.train_batches()
-    records, window = [], MetricWindow(flop_config=job.config)
-    guard = NonFiniteGuard(**job.run.nonfinite_loss)
-    profiler = StepProfiler(args.profile, job.output_dir / "profile")
-    bar = tqdm(total=args.max_steps, initial=job.state["step"], disable=not is_main_process(), desc="pretrain")
-    engine.train()
-    with StopSignals(args.preempt_grace) as signals:
-        while job.state["step"] < args.max_steps:
-            tokens_before = window.tokens
-            profiler.begin(job.state["step"] + 1)
-            stop = train_step(engine, batches, job.run.grad_accum, window, guard, job.state["step"] + 1,
-                              stop_requested=signals.requested)
-            job.state["step"] += 1
-            job.state["tokens"] += window.tokens - tokens_before  # this rank's real (unpadded) tokens
-            step = job.state["step"]
-            profiler.end(step)
-            bar.update(1)
-            if step % args.log_every == 0 or step == args.max_steps or stop:
-                record = window.record(step, engine.get_lr()[0], world)
-                job.metrics.write(record)
-                records.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
-                window.reset()
-            if stop:
-                _stop(job, signals.name or "a stop signal on another rank")
-                break
-            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-                result = {"step": step, **evaluate(job)}
-                job.metrics.write(result, prefix="eval")
-                log.info("step %d: %s", step, {k: round(v, 4) for k, v in result.items() if k != "step"})
-            if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
-                _save(job)
-        checkpointing.wait_for_pending_save()
-    bar.close()
-    return records
+    schedule = Schedule(max_steps=args.max_steps, log_every=args.log_every, eval_every=args.eval_every,
+                        save_every=args.save_every)
+    loop = TrainingLoop(job.engine, job.data.train_batches(), schedule, grad_accum=job.run.grad_accum,
+                        metrics=job.metrics, guard=NonFiniteGuard(**job.run.nonfinite_loss),
+                        window=MetricWindow(flop_config=job.config, tokens_seen=job.state["tokens"] * world),
+                        profiler=StepProfiler(args.profile, job.output_dir / "profile"), description="pretrain",
+                        bar_fields=("loss", "lr", "tokens_per_s"), preempt_grace=args.preempt_grace,
+                        evaluate=lambda step: _evaluate_with_statistics(job), save=lambda step: _save(job),
+                        on_stop=lambda step, cause: _stop(job, cause), finish=checkpointing.wait_for_pending_save,
+                        logger=log)
+    return loop.run(job.state)
+
+
+def _evaluate_with_statistics(job: Job) -> dict[str, Any]:
+    """``evaluate`` and the model's LayerNorm and block-similarity statistics (``widenet_ds.analysis``)."""
+    return {**evaluate(job), **evaluation_statistics(job.engine.module, job.data.eval_batches(),
+                                                     min(job.args.eval_batches, STATISTICS_BATCHES))}
 
 
 def _stop(job: Job, cause: str) -> None:
@@ -324,6 +307,10 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if not job.stopped_by:
                 export_final(job)
             job.metrics.close()
+            if not job.stopped_by and is_main_process():
+                from ..analysis.report import finish_pretraining  # matplotlib only where a report is written
+
+                finish_pretraining(job.output_dir)
         finally:
             if job.lock is not None:
                 job.lock.release()

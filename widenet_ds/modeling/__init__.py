@@ -11,7 +11,7 @@ Files, in reading order:
 - experts.py: the experts' batched and grouped matmuls; fused_act.py: their Triton kernel.
 - deepspeed_moe.py: every DeepSpeed MoE internal used (the module tree, checkpoint key names,
   the all-to-all), in one place.
-- models.py: the Hugging Face model classes; flops.py: FLOP counts.
+- models.py: the Hugging Face model classes; vision.py: the image classifier; flops.py: FLOP counts.
 
 Shape legend. A tensor's name ends with its dimensions (``x_BTH`` is (B, T, H)):
 
@@ -37,6 +37,7 @@ from .moe import GatherMOELayer, MoEFeedForward, RoutingStats
 from .models import (
                      WideNetForMaskedLM,
                      WideNetForPreTraining,
+                     WideNetForQuestionAnswering,
                      WideNetForSequenceClassification,
                      WideNetModel,
                      WideNetPreTrainedModel,
@@ -44,10 +45,19 @@ from .models import (
                      combine_aux_loss,
                      mlm_labels_at,
 )
+from .vision import (
+    PatchEmbeddings,
+    WideNetForImageClassification,
+    WideNetVisionModel,
+    WideNetVisionPreTrainedModel,
+    image_processor_for,
+)
 
 __all__ = [
     "Attention", "BatchedExperts", "Block", "Embeddings", "Encoder", "FeedForward", "GatherMOELayer",
-    "MoEFeedForward", "Routing", "RoutingStats", "WideNetForMaskedLM", "WideNetForPreTraining",
-    "WideNetForSequenceClassification", "WideNetGate", "WideNetModel", "WideNetPreTrainedModel", "at_positions",
-    "combine_aux_loss", "expert_capacity", "load_balance_loss", "mlm_labels_at", "top_k_route",
+    "MoEFeedForward", "PatchEmbeddings", "Routing", "RoutingStats", "WideNetForImageClassification",
+    "WideNetForMaskedLM", "WideNetForPreTraining", "WideNetForQuestionAnswering", "WideNetForSequenceClassification",
+    "WideNetGate", "WideNetModel", "WideNetPreTrainedModel", "WideNetVisionModel", "WideNetVisionPreTrainedModel",
+    "at_positions", "combine_aux_loss", "expert_capacity", "image_processor_for", "load_balance_loss", "mlm_labels_at",
+    "top_k_route",
 ]

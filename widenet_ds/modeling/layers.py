@@ -115,13 +115,15 @@ class Encoder(nn.Module):
         n = config.num_hidden_layers
         settings = config.moe_settings
 
-        def make_ffn() -> nn.Module:
-            if config.num_experts > 1:  # every expert starts from one FFN's weights
+        moe_every = getattr(config, "moe_every", 1)  # a vision config may put the MoE in every k-th block only
+
+        def make_ffn(i: int) -> nn.Module:
+            if config.num_experts > 1 and (i + 1) % moe_every == 0:  # every expert starts from one FFN's weights
                 return MoEFeedForward(config, settings, FeedForward(config))
             return FeedForward(config)
 
         self.attention = nn.ModuleList(Attention(config) for _ in range(1 if config.share_attention else n))
-        self.ffn = nn.ModuleList(make_ffn() for _ in range(1 if config.share_ffn else n))
+        self.ffn = nn.ModuleList(make_ffn(i) for i in range(1 if config.share_ffn else n))
         self.blocks = nn.ModuleList(Block(config) for _ in range(1 if config.share_layer_norm else n))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) \
             if config.pre_layer_norm else nn.Identity()

@@ -1,4 +1,5 @@
-"""Hugging Face model classes: encoder, pretraining (MLM + SOP), MLM and sequence classification.
+"""Hugging Face model classes: encoder, pretraining (MLM + SOP), MLM, sequence classification and
+extractive question answering (start/end logits).
 
 Every output carries the main loss, the MoE aux loss (lambda times the mean of ``l_aux`` over
 the forward's routing calls), and per-call expert counts and dropped-token fractions.
@@ -262,4 +263,44 @@ class WideNetForSequenceClassification(WideNetPreTrainedModel):
         return WideNetSequenceClassifierOutput(
             loss=None if task_loss is None else _sum_losses(task_loss, out.aux_loss),
             task_loss=task_loss, aux_loss=out.aux_loss, logits=logits,
+            expert_counts=out.expert_counts, dropped_fraction=out.dropped_fraction)
+
+
+
+@dataclass
+class WideNetQuestionAnsweringOutput(ModelOutput):
+    loss: Tensor | None = None  # task loss + aux_loss
+    task_loss: Tensor | None = None  # mean of the start and end cross-entropies
+    aux_loss: Tensor | None = None
+    start_logits: Tensor | None = None  # (B, T)
+    end_logits: Tensor | None = None  # (B, T)
+    expert_counts: Tensor | None = None
+    dropped_fraction: Tensor | None = None
+
+
+class WideNetForQuestionAnswering(WideNetPreTrainedModel):
+    """Encoder + a linear span head (``qa_outputs``): a start and an end logit per token. The loss is
+    the mean of the start and end cross-entropies; a position outside the sequence is ignored."""
+
+    def __init__(self, config: WideNetConfig):
+        super().__init__(config)
+        self.widenet = WideNetModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, start_positions: Tensor | None = None,
+                end_positions: Tensor | None = None, **kwargs) -> WideNetQuestionAnsweringOutput:
+        out = self.widenet(input_ids, attention_mask, token_type_ids)
+        start_logits, end_logits = (x.squeeze(-1).contiguous() for x in self.qa_outputs(out.last_hidden_state)
+                                    .split(1, dim=-1))
+        task_loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]
+            task_loss = (F.cross_entropy(start_logits.float(), start_positions.clamp(0, ignored), ignore_index=ignored)
+                         + F.cross_entropy(end_logits.float(), end_positions.clamp(0, ignored), ignore_index=ignored)
+                         ) / 2
+        return WideNetQuestionAnsweringOutput(
+            loss=None if task_loss is None else _sum_losses(task_loss, out.aux_loss),
+            task_loss=task_loss, aux_loss=out.aux_loss, start_logits=start_logits, end_logits=end_logits,
             expert_counts=out.expert_counts, dropped_fraction=out.dropped_fraction)
