@@ -1,10 +1,10 @@
 """Expert-parallel scaling: training steps of a WideNet preset under the DeepSpeed engine with
 ep_size = world size, each rank its own batch (weak scaling), against the same on one GPU.
 
-    python benchmarks/bench_ep.py --ep_size 1 --out runs/benchmarks/ep1.json                  # 1 GPU
-    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 2 --out runs/benchmarks/ep2.json  # 2 GPUs, ep 2
-    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 1 --out runs/benchmarks/dp2.json  # 2 GPUs, data parallel
-    deepspeed --num_gpus 2 benchmarks/bench_ep.py --ep_size 2 --impl grouped --init runs/job/final \
+    python -m benchmarks.bench_ep --ep_size 1 --out runs/benchmarks/ep1.json                    # 1 GPU
+    deepspeed --num_gpus 2 --module benchmarks.bench_ep --ep_size 2 --out runs/benchmarks/ep2.json  # 2 GPUs, ep 2
+    deepspeed --num_gpus 2 --module benchmarks.bench_ep --ep_size 1 --out runs/benchmarks/dp2.json  # data parallel
+    deepspeed --num_gpus 2 --module benchmarks.bench_ep --ep_size 2 --impl grouped --init runs/job/final \
         --batches runs/bench_data/text-s512-b32.pt --out runs/benchmarks/ep2-grouped.json   # from a trained router
 
 Scaling efficiency = (tokens/s per GPU with N GPUs) / (tokens/s on one GPU). ``--smoke`` runs
@@ -16,17 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from widenet_ds import WideNetConfig, WideNetForPreTraining
+from widenet_ds.distributed import close_distributed, init_distributed
+from widenet_ds.engine.build import initialize_engine
+from widenet_ds.engine.compile import compile_model
+from widenet_ds.engine.ds_config import check_run_config
+from widenet_ds.engine.expert_sharding import expert_parallel_rank, to_local_experts
+from widenet_ds.jobs.args import compile_variant
+from widenet_ds.modeling.flops import kept_routes
 
-# this folder: the same ZeRO variants, batches and MLM head as the train table
-from bench_train import (  # noqa: E402
+# the same ZeRO variants, batches and MLM head as bench_train's train table
+from .common import (
     MLM_HEADS,
     ZERO_VARIANTS,
     batch_feed,
@@ -34,15 +39,6 @@ from bench_train import (  # noqa: E402
     load_text_batches,
     zero_settings,
 )
-
-from widenet_ds import WideNetConfig, WideNetForPreTraining  # noqa: E402
-from widenet_ds.distributed import close_distributed, init_distributed  # noqa: E402
-from widenet_ds.engine.build import initialize_engine  # noqa: E402
-from widenet_ds.engine.ds_config import check_run_config  # noqa: E402
-from widenet_ds.engine.expert_sharding import expert_parallel_rank, to_local_experts  # noqa: E402
-from widenet_ds.jobs.args import compile_variant
-from widenet_ds.modeling import compile_model  # noqa: E402
-from widenet_ds.modeling.flops import kept_routes  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

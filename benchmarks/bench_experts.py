@@ -2,8 +2,8 @@
 bias + activation kernels (widenet_ds/modeling/fused_act.py) against the unfused ops, at a trained
 router's load (every expert ~1/E of the kept routes, groups padded to 16 rows as the packing does).
 
-    python benchmarks/bench_experts.py --out runs/benchmarks/experts.json
-    TRITON_INTERPRET=1 python benchmarks/bench_experts.py --smoke --out /tmp/smoke.json   # CPU (the test)
+    python -m benchmarks.bench_experts --out runs/benchmarks/experts.json
+    TRITON_INTERPRET=1 python -m benchmarks.bench_experts --smoke --out /tmp/smoke.json   # CPU (the test)
 
 Writes, per variant, the time of forward + backward and its TFLOP/s (the three matmuls of each FFN
 layer over the kept routes), the CUDA kernel table and checksums (same inputs, same weights); then
@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from widenet_ds import WideNetConfig
+from widenet_ds.modeling import BatchedExperts, FeedForward, fused_act
+from widenet_ds.modeling.experts import bias_act_ops
+from widenet_ds.modeling.layers import ACTIVATION_FNS
+from widenet_ds.modeling.packing import packed_slots
 
-from deepspeed.moe.experts import Experts  # noqa: E402
-
-from widenet_ds import WideNetConfig  # noqa: E402
-from widenet_ds.modeling import BatchedExperts, FeedForward, fused_act  # noqa: E402
-from widenet_ds.modeling.fast_moe import bias_act_ops, packed_slots  # noqa: E402
-from widenet_ds.modeling.layers import ACTIVATION_FNS  # noqa: E402
+from .common import kernel_table, time_calls
 
 TILES = [(256, 256), (128, 256), (512, 256), (256, 128), (256, 512)]  # (BLOCK_N, STRIP_M)
 
@@ -52,7 +48,7 @@ def parse_args(argv=None):
 def packed_rows(tokens: int, routes_per_token: float, num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor,
                                                                                           list[int], int]:
     """``end_E``, ``expert_X``, the kept routes per expert and the row count of the layer's packing
-    (``fast_moe.packed_slots``, top-2, C = 1.2) when each expert keeps ~1/E of the routes."""
+    (``packing.packed_slots``, top-2, C = 1.2) when each expert keeps ~1/E of the routes."""
     share = tokens * routes_per_token / num_experts
     kept = [round(share * (1 + 0.01 * (2, -3, 1, 0)[e % 4])) for e in range(num_experts)]  # a little uneven
     no_routes_KS = torch.full((2, tokens), -1, device=device)  # only the group layout is wanted
@@ -67,7 +63,7 @@ def main(args) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     config = WideNetConfig.from_preset(args.preset)
     E = config.num_experts
-    experts = BatchedExperts(Experts(FeedForward(config), num_local_experts=E, expert_group_name="ep_size_1"))
+    experts = BatchedExperts(FeedForward(config), num_local_experts=E, group_name="ep_size_1")
     experts = experts.to(device).bfloat16()
     M, I, act = config.hidden_size, config.intermediate_size, config.hidden_act
     end_E, expert_X, kept, X = packed_rows(args.tokens, args.routes_per_token, E, device)
@@ -92,14 +88,14 @@ def main(args) -> dict:
             t.grad = None
 
     for variant in ("unfused", "fused"):
-        os.environ["WIDENET_DS_FUSED_ACT"] = "0" if variant == "unfused" else "1"
+        fused = variant == "fused"  # the moe.fused_act setting
         torch._dynamo.reset()
-        fn = torch.compile(lambda t: experts.forward_grouped(t, end_E, expert_X))
+        fn = torch.compile(lambda t: experts.forward_grouped(t, end_E, expert_X, fused_act=fused))
         start = time.perf_counter()
         for _ in range(3):
             step(fn)
         sync()
-        record = {"variant": variant, "fused_kernel": fused_act.fused_bias_act_runs(x_XM, act),
+        record = {"variant": variant, "fused_kernel": fused and fused_act.fused_bias_act_runs(x_XM, act),
                   "compile_s": round(time.perf_counter() - start, 1), "ms": time_calls(lambda: step(fn), sync, args.repeats)}
         record["tflop_per_s"] = round(flops / min(record["ms"]) / 1e9, 1)
         if cuda:
@@ -115,39 +111,12 @@ def main(args) -> dict:
         clear_grads()
         result["variants"].append(record)
         print(json.dumps({k: v for k, v in record.items() if k != "kernels_us"}), flush=True)
-    os.environ.pop("WIDENET_DS_FUSED_ACT")
     result["kernel_check"] = kernel_check(X, I, E, expert_X, device, g)
     if cuda:
         result["tiles"] = tile_sweep(X, I, E, expert_X, act, device, g)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     return result
-
-
-def time_calls(run, sync, repeats: int, measurements: int = 3) -> list[float]:
-    """Wall time in ms per call of ``run``, averaged over ``repeats`` calls, ``measurements`` times."""
-    times = []
-    for _ in range(measurements):
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            run()
-        sync()
-        times.append(round((time.perf_counter() - start) * 1000 / repeats, 4))
-    return times
-
-
-def kernel_table(run, sync, calls: int = 5, top: int | None = 14) -> list[tuple[float, str]]:
-    """GPU time (us per call) of the largest kernels (all with ``top=None``)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            run()
-        sync()
-    times: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            times[event.name[:110]] = times.get(event.name[:110], 0.0) + event.device_time / calls
-    return sorted(((round(t, 1), name) for name, t in times.items()), reverse=True)[:top]
 
 
 def kernel_check(X, I, E, expert_X, device, g) -> dict:

@@ -2,8 +2,8 @@
 activations (E = 4) and top-2 choices: the plain formulation (fp32 ``F.linear`` + ``torch.topk``, the
 reference), the gate's (``gate.router_logits`` + ``gate.top_k_choices``), and candidate formulations.
 
-    python benchmarks/bench_router.py --out runs/benchmarks/router.json
-    python benchmarks/bench_router.py --smoke --out /tmp/router.json   # CPU, 512 tokens (the test)
+    python -m benchmarks.bench_router --out runs/benchmarks/router.json
+    python -m benchmarks.bench_router --smoke --out /tmp/router.json   # CPU, 512 tokens (the test)
 
 Each variant: softmax of the logits, top-2 choices, their gates, a loss of the gates and of the mean
 probabilities, backward to the activations and the router weight. Writes per variant the wall time of
@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from widenet_ds.modeling.gate import router_logits, top_k_choices
 
-from bench_experts import kernel_table, time_calls  # noqa: E402  (this folder)
-
-from widenet_ds.modeling.gate import router_logits, top_k_choices  # noqa: E402
+from .common import kernel_table, time_calls
 
 
 def linear_logits(x, w):  # reference: an fp32 matmul over an fp32 copy of the activations
@@ -43,7 +39,7 @@ def torch_topk(scores, k):  # reference: a selection kernel and a sort
 
 
 VARIANTS = {
-    "linear+topk (before)": (linear_logits, torch_topk),
+    "linear+topk (reference)": (linear_logits, torch_topk),
     "multiply-sum+argmax (gate)": (router_logits, top_k_choices),
     "per-expert sums+argmax": (per_expert_logits, top_k_choices),
 }

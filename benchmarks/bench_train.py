@@ -10,52 +10,55 @@ Three tables, one run (see benchmarks/README.md for the formula and the flags):
 
 MFU = model FLOPs per step / step time / the measured bf16 matmul ceiling (8192^3).
 
-    python benchmarks/bench_train.py                      # everything eager, every MoE impl (to runs/benchmarks)
-    python benchmarks/bench_train.py --compile model --breakdown   # compiled, with phase times
-    python benchmarks/bench_train.py --smoke              # CPU, debug shapes, 2 steps (the test)
+    python -m benchmarks.bench_train                    # everything eager, every MoE impl (to runs/benchmarks)
+    python -m benchmarks.bench_train --compile model --breakdown   # compiled, with phase times
+    python -m benchmarks.bench_train --smoke              # CPU, debug shapes, 2 steps (the test)
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import logging
 import platform
 import statistics
-import sys
 import time
 import traceback
-import unittest.mock
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from benchmarks.text_batches import KEYS as TEXT_KEYS  # noqa: E402
-from widenet_ds import PRESETS, WideNetConfig, WideNetForPreTraining, WideNetModel  # noqa: E402
-from widenet_ds.config import MOE_IMPLS  # noqa: E402
-from widenet_ds.data.pretraining import num_to_predict  # noqa: E402
-from widenet_ds.engine.compile import check_cuda_graphs
-from widenet_ds.engine.ds_config import check_run_config  # noqa: E402
-from widenet_ds.jobs.args import compile_variant
-from widenet_ds.modeling import (  # noqa: E402
+from widenet_ds import WideNetConfig, WideNetForPreTraining, WideNetModel
+from widenet_ds.config import MOE_IMPLS
+from widenet_ds.data.pretraining import num_to_predict
+from widenet_ds.engine.compile import (
     COMPILE_SCOPES,
-    combine_aux_loss,
+    check_cuda_graphs,
     compile_model,
     compile_settings,
-    fast_moe,
 )
-from widenet_ds.modeling.flops import forward_flops, kept_routes  # noqa: E402
+from widenet_ds.engine.ds_config import check_run_config
+from widenet_ds.jobs.args import compile_variant
+from widenet_ds.modeling import GatherMOELayer, combine_aux_loss
+from widenet_ds.modeling.flops import forward_flops, kept_routes
 
-ZERO_VARIANTS = ("0", "1", "2", "0:fp32", "1:fp32", "2:fp32")
-MLM_HEADS = ("masked", "all")
-MASK_PROB = 0.15
+from .common import (
+    MASK_PROB,
+    MLM_HEADS,
+    ROOT,
+    ZERO_VARIANTS,
+    batch_feed,
+    load_init,
+    load_text_batches,
+    make_batch,
+    model_config,
+    sync,
+    zero_settings,
+)
+
 PRESET_NAMES = ("albert-base", "bert-base", "widenet-base-e4", "widenet-base-e8")
 # The encoder stacks of the stack table: hidden 768, 12 shared blocks, FFN 3072.
 STACKS = {
@@ -64,11 +67,6 @@ STACKS = {
     "moe-e4-top1": dict(num_experts=4, top_k=1),
     "moe-e8-top2": dict(num_experts=8, top_k=2),
 }
-# --smoke: every preset keeps its family (sharing, experts, LN order) at the debug preset's sizes.
-SMOKE_SIZES = {k: PRESETS["debug"][k] for k in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers",
-                                                  "num_attention_heads", "intermediate_size",
-                                                  "max_position_embeddings")}
-
 
 @dataclass
 class Row:
@@ -117,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--capacity_factor", type=float, default=1.2, help="C in training")
+    p.add_argument("--no_fused_act", action="store_true",
+                   help="moe.fused_act false: the grouped experts' first bias + activation as plain ops instead of "
+                        "the Triton kernel (the unfused side of an A/B)")
     p.add_argument("--batches", nargs="+", type=Path, default=[], metavar="FILE",
                    help="train and hf tables: real-text batches (benchmarks/text_batches.py), one file per "
                         "sequence length, cycled through; default one fixed batch of random ids")
@@ -166,46 +167,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_init(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
-    """``--init``: the exported model's config overrides (vocabulary, padding id) and weights, checked
-    against every preset of the train table before any compute (``p.error`` names what differs)."""
-    if not (args.init / "config.json").is_file():
-        p.error(f"--init {args.init}: no exported model there (config.json); give launch/pretrain.py's "
-                "output_dir/final or a folder written by launch/export.py")
-    saved = WideNetForPreTraining.from_pretrained(args.init)
-    state = saved.state_dict()
-    overrides = {"vocab_size": saved.config.vocab_size, "pad_token_id": saved.config.pad_token_id}
-    for preset in args.presets:
-        config = model_config(preset, args, "batched", **overrides)
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in WideNetForPreTraining(config).state_dict().items()}
-        differ = sorted(k for k in shapes.keys() | state.keys()
-                        if shapes.get(k) != (state[k].shape if k in state else None))
-        if differ or config.top_k != saved.config.top_k:
-            p.error(f"--init {args.init} is not a {preset} model: top_k {saved.config.top_k} vs {config.top_k}, "
-                    f"{len(differ)} parameters differ in name or shape (e.g. {differ[:3]}); pass its own preset "
-                    "with --presets")
-    return {"path": str(args.init), "overrides": overrides, "state": state}
-
-
-def load_text_batches(p: argparse.ArgumentParser, paths: list[Path], batch: int,
-                      seqs: list[int]) -> dict[int, dict[str, Any]]:
-    """``--batches`` files by sequence length, checked against the run's ``batch`` and ``seqs`` before any
-    compute (``p.error`` names what is wrong)."""
-    text = {}
-    for path in paths:
-        if not path.is_file():
-            p.error(f"--batches {path}: no such file (make it with benchmarks/text_batches.py)")
-        saved = torch.load(path, weights_only=True)
-        if saved["batch"] != batch:
-            p.error(f"--batches {path}: {saved['batch']} sequences per batch, the run uses --batch {batch}")
-        text[saved["seq"]] = {**saved, "path": str(path)}
-    missing = [seq for seq in seqs if text and seq not in text]
-    if missing:
-        p.error(f"--batches has no file for --seqs {missing} (files for {sorted(text)})")
-    return text
-
-
 # ----------------------------------------------------------------------------- timing
 
 def matmul_ceiling(device: torch.device, n: int) -> float:
@@ -229,12 +190,12 @@ class PhaseTimer:
         self.start()
 
     def start(self) -> None:
-        _sync(self.device)
+        sync(self.device)
         self.t0 = time.perf_counter()
 
     def __call__(self, phase: str) -> None:
         queued = time.perf_counter()
-        _sync(self.device)
+        sync(self.device)
         done = time.perf_counter()
         self.host.setdefault(phase, []).append((queued - self.t0) * 1e3)
         self.total.setdefault(phase, []).append((done - self.t0) * 1e3)
@@ -257,7 +218,7 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps
     """Per-step times in ms (CUDA events on GPU, host clock on CPU) and the wall-clock mean over the steps."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     cuda = device.type == "cuda"
     marks = []
     start_wall = time.perf_counter()
@@ -272,15 +233,10 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps
             t0 = time.perf_counter()
             step()
             marks.append((t0, time.perf_counter()))
-    _sync(device)
+    sync(device)
     wall_ms = (time.perf_counter() - start_wall) * 1e3 / max(steps, 1)
     times = [b.elapsed_time(e) if cuda else (e - b) * 1e3 for b, e in marks]
     return times, wall_ms
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _profile(step: Callable[[], Any], device: torch.device, path: Path) -> None:
@@ -291,70 +247,13 @@ def _profile(step: Callable[[], Any], device: torch.device, path: Path) -> None:
     with profile(activities=activities) as prof:
         for _ in range(3):
             step()
-        _sync(device)
+        sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=80))
 
 
 # ----------------------------------------------------------------------------- inputs and models
-
-def make_batch(vocab: int, batch: int, seq: int, device: torch.device, mask: bool,
-               mlm_positions: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A fixed pretraining batch: random ids, segments A/B, SOP labels and, as the collator does,
-    ``num_to_predict(seq)`` (15%) labelled positions per row (never position 0), with the collator's
-    ``mlm_positions`` when asked."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (batch, seq), generator=g)
-    predicted = num_to_predict(seq, MASK_PROB, None)
-    positions = (torch.rand(batch, seq - 1, generator=g).argsort(1)[:, :predicted] + 1).sort(1).values
-    labels = torch.full_like(ids, -100).scatter(1, positions, ids.gather(1, positions))
-    types = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
-    out = dict(input_ids=ids, token_type_ids=types, labels=labels,
-               sentence_order_label=torch.randint(0, 2, (batch,), generator=g))
-    if mlm_positions:
-        out["mlm_positions"] = positions
-    if mask:
-        out["attention_mask"] = torch.ones_like(ids)
-    return {k: v.to(device) for k, v in out.items()}
-
-
-def batch_feed(text: dict[int, dict[str, Any]], batch: int, vocab: int, seq: int, device: torch.device,
-               mlm_positions: bool, mask: bool = True, rank: int = 0,
-               world: int = 1) -> Callable[[], dict[str, torch.Tensor]]:
-    """Each call the next training batch: the ``text`` batches of ``seq`` (``load_text_batches``) cycled
-    through (moved to the device once; rank r of ``world`` takes batches r, r + world, ...), or
-    ``make_batch``'s fixed one (seeded by the rank; ``mask``: an all-ones attention mask). ``mlm_positions``
-    False drops them (the MLM head at every position)."""
-    if seq not in text:
-        fixed = make_batch(vocab, batch, seq, device, mask, mlm_positions=mlm_positions, seed=rank)
-        return lambda: fixed
-    saved = text[seq]
-    if int(saved["input_ids"].max()) >= vocab:
-        raise ValueError(f"{saved['path']}: token ids up to {int(saved['input_ids'].max())}, the model has {vocab}")
-    if len(saved["input_ids"]) < world:
-        raise ValueError(f"{saved['path']}: {len(saved['input_ids'])} batches, fewer than the {world} ranks")
-    keys = [k for k in TEXT_KEYS if mlm_positions or k != "mlm_positions"]
-    mine = range(rank, len(saved["input_ids"]), world)
-    batches = [{k: saved[k][i].to(device, torch.long) for k in keys} for i in mine]
-    turn = itertools.count()
-    return lambda: batches[next(turn) % len(batches)]
-
-
-def model_config(preset: str, args: argparse.Namespace, impl: str, **overrides: Any) -> WideNetConfig:
-    sizes = SMOKE_SIZES if args.smoke else {}
-    moe = {"capacity_factor": args.capacity_factor, "eval_capacity_factor": args.capacity_factor, "impl": impl}
-    return WideNetConfig.from_preset(preset, **{**sizes, **overrides}, moe=moe)
-
-
-def zero_settings(variant: str) -> dict[str, Any]:
-    """DeepSpeed JSON keys of a ZeRO variant 'stage[:fp32]' (fp32: gradients accumulated in fp32)."""
-    stage, _, accumulate = variant.partition(":")
-    zero = {"stage": int(stage)}
-    if stage == "2":  # what widenet_ds.engine.ds_config requires of ZeRO 2 with MoE
-        zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=True)
-    return {"zero_optimization": zero, **({"data_types": {"grad_accum_dtype": accumulate}} if accumulate else {})}
-
 
 def run_config(config: WideNetConfig, batch: int, device: torch.device, zero: str = "0", optimizer: str = "AdamW",
                grad_accum: int = 1):
@@ -559,14 +458,14 @@ def parity_check(args: argparse.Namespace, device: torch.device, preset: str = "
     """Each fast MoE impl vs the reference on this device: same weights, inputs and router noise, fp32
     (TF32 off), one training forward + backward. Reports the largest differences (expected: rounding).
     In fp32 on a GPU the grouped layer would run the batched experts (``grouped_mm_is_fast``); here it
-    is made to run its own fp32 path."""
+    runs its own fp32 path (``GatherMOELayer.grouped_anywhere``)."""
     batch, seq = (2, 16) if args.smoke else (4, 128)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     runs, report = {}, {"preset": preset, "batch": batch, "seq": seq, "dtype": "float32"}
-    grouped_everywhere = unittest.mock.patch.object(fast_moe, "grouped_mm_is_fast", lambda *a: True)
+    grouped_anywhere = GatherMOELayer.grouped_anywhere
     try:
-        grouped_everywhere.start()
+        GatherMOELayer.grouped_anywhere = True
         for impl in ("deepspeed", *(i for i in MOE_IMPLS if i != "deepspeed")):
             try:
                 torch.manual_seed(0)
@@ -585,7 +484,7 @@ def parity_check(args: argparse.Namespace, device: torch.device, preset: str = "
                 report[impl] = _parity(runs[impl], runs["deepspeed"])
         return report
     finally:
-        grouped_everywhere.stop()
+        GatherMOELayer.grouped_anywhere = grouped_anywhere
         torch.backends.cuda.matmul.allow_tf32 = tf32
         runs.clear()
         _free(device)

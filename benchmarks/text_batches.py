@@ -6,7 +6,7 @@ made here go through the pretraining job's own data path (SentencePiece tokenize
 text, SOP instances, dynamic n-gram masking, ``mlm_positions``), padded to one length, and are
 saved as one tensor file that the GPU machine loads with torch alone:
 
-    python benchmarks/text_batches.py --text ../shared/data/gutenberg/*.txt --seq 512 --batch 32 \
+    python -m benchmarks.text_batches --text ../shared/data/gutenberg/*.txt --seq 512 --batch 32 \
         --count 48 --out runs/bench_data/text-s512-b32.pt
 
 The file holds ``input_ids``, ``token_type_ids``, ``attention_mask``, ``labels`` (count, batch, seq),
@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "mlm_positions", "sentence_order_label")
+from .common import ROOT
+from .common import TEXT_KEYS as KEYS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,9 @@ import torch.multiprocessing as mp
 from widenet_ds import WideNetConfig, WideNetForPreTraining
 from widenet_ds.distributed import close_distributed, free_port, init_distributed
 from widenet_ds.engine.expert_sharding import local_expert_range, to_local_experts
-from widenet_ds.modeling import GatherMOELayer, compile_model, fast_moe
+from widenet_ds.engine.compile import compile_model
+from widenet_ds.modeling import GatherMOELayer
+from widenet_ds.modeling import experts as experts_module
 from widenet_ds.modeling import gate as gate_module
 
 WORLD = 2
@@ -115,14 +117,14 @@ def _fused_kernel_worker(rank, port):
     """As ``_worker``, with the grouped experts' fused bias + activation kernel (Triton's interpreter:
     the parent sets TRITON_INTERPRET=1 before the spawn) over the slots each rank received."""
     _join(rank, port)
-    calls, fused = [], fast_moe.bias_act
-    fast_moe.bias_act = lambda *args: calls.append(1) or fused(*args)
+    calls, fused = [], experts_module.bias_act
+    experts_module.bias_act = lambda *args: calls.append(1) or fused(*args)
     try:
         _check_parity(rank)
         _check_fast_path_matches_reference_path(rank)
         assert len(calls) == 2 * WideNetConfig.from_preset("debug").num_hidden_layers, "the fused kernel ran"
     finally:
-        fast_moe.bias_act = fused
+        experts_module.bias_act = fused
         close_distributed()
 
 
@@ -156,14 +158,14 @@ def _check_fast_path_matches_reference_path(rank):
 
 def _check_fast_impl(rank, fast, ref, ref_out, batch):
     fast.load_state_dict(ref.state_dict())
-    reduce = gate_module.dist.all_reduce
+    reduce = gate_module.all_reduce_max
     calls = []
-    gate_module.dist.all_reduce = lambda *a, **k: calls.append(1) or reduce(*a, **k)
+    gate_module.all_reduce_max = lambda *a, **k: calls.append(1) or reduce(*a, **k)
     try:
         with _counting_grouped_calls() as grouped_calls:
             fast_out = _forward_backward(fast, batch, seed=5 + rank)
     finally:
-        gate_module.dist.all_reduce = reduce
+        gate_module.all_reduce_max = reduce
     assert len(grouped_calls) == (fast.config.num_hidden_layers if fast.config.moe.get("impl") == "grouped" else 0)
     assert len(calls) == 1 < fast.config.num_hidden_layers, "the capacity is agreed once per forward"
     torch.testing.assert_close(fast_out.prediction_logits, ref_out.prediction_logits, atol=1e-5, rtol=1e-5)

@@ -1,10 +1,11 @@
-"""The fast MoE paths (moe.impl "batched": sync-free router, gather dispatch/combine, batched experts;
-"grouped": the same with the kept routes packed into grouped matmuls) compute what the reference path (moe.impl "deepspeed": the reference router in DeepSpeed's MOELayer
-and expert loop) computes: routes, outputs, losses, expert counts and every gradient, on the same
-weights and inputs. The expert-parallel (ep_size 2) case is in tests/test_expert_parallel.py; the
+"""The fast MoE paths (moe.impl "batched": gather dispatch/combine, batched experts; "grouped": the
+same with the kept routes packed into grouped matmuls) compute what the reference path (moe.impl
+"deepspeed": DeepSpeed's MOELayer forward and expert loop, same router) computes: routes, outputs,
+losses, expert counts and every gradient, on the same weights and inputs. The router itself is
+checked against tests/reference_router.py in tests/test_reference_router.py. The expert-parallel (ep_size 2) case is in tests/test_expert_parallel.py; the
 benchmark script's FLOP formula and smoke run are checked at the end."""
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -18,78 +19,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from widenet_ds import ConfigError, MoESettings, WideNetConfig, WideNetForPreTraining
-from widenet_ds.modeling import (
-    BatchedExperts,
-    FeedForward,
-    GatherMOELayer,
-    compile_model,
-    compile_settings,
-    fast_moe,
-    top_k_route,
-    top_k_route_fast,
-    uses_cuda_graphs,
-)
-from widenet_ds.modeling.fast_moe import (
-    _Combine,
-    _Dispatch,
-    _ExpertLinear,
-    _GroupedLinear,
-    _RowBias,
-    grouped_mm_is_fast,
-    received_packing,
-    route_maps,
-)
+from widenet_ds.engine.compile import compile_model, compile_settings, uses_cuda_graphs
+from widenet_ds.modeling import BatchedExperts, FeedForward, GatherMOELayer, top_k_route
+from widenet_ds.modeling import moe as moe_module
+from widenet_ds.modeling.dispatch import _Combine, _Dispatch
+from widenet_ds.modeling.experts import _ExpertLinear, _GroupedLinear, _RowBias, grouped_mm_is_fast
+from widenet_ds.modeling.packing import received_packing, route_maps
 
 
-def _route_args(tokens, experts, k, capacity, pad):
-    logits = torch.randn(tokens, experts, requires_grad=True)
-    mask = None
-    if pad:
-        mask = (torch.rand(tokens) > 0.3).long()
-    return logits, k, capacity, mask
-
-
-@pytest.mark.parametrize("tokens,experts,k,capacity,pad,normalize", [
-    (64, 4, 2, 40, False, False),  # C = 1.25
-    (64, 4, 2, 9, True, False),  # many drops, padding
-    (64, 8, 1, 5, True, False),
-    (37, 4, 3, 12, False, True),
-    (50, 4, 2, None, True, False),  # no dropping: capacity from the loads
-    (50, 4, 2, 30, True, True),
-])
-def test_fast_routing_matches_the_reference_router(tokens, experts, k, capacity, pad, normalize):
-    logits, k, capacity, mask = _route_args(tokens, experts, k, capacity, pad)
-    ref = top_k_route(logits, k, capacity, mask, normalize)
-    fast = top_k_route_fast(logits, k, capacity, mask, normalize)
-    assert int(fast[1]) == int(ref[1]) and fast[2] == ref[2]
-    for i, what in ((3, "expert indices"), (4, "locations"), (6, "counts")):
-        assert fast[i].dtype == ref[i].dtype and torch.equal(fast[i], ref[i]), what
-    if capacity is not None and capacity < 10:
-        assert (ref[6][1] < ref[6][0]).any(), "the case drops routes"
-    torch.testing.assert_close(fast[5], ref[5])  # gates
-    torch.testing.assert_close(fast[0], ref[0])  # l_aux
-    grad_ref = torch.autograd.grad(ref[0] + (ref[5] ** 2).sum(), logits)[0]
-    grad_fast = torch.autograd.grad(fast[0] + (fast[5] ** 2).sum(), logits)[0]
-    torch.testing.assert_close(grad_fast, grad_ref)
-
-
-def test_fast_routing_with_gumbel_selection_and_no_real_tokens():
-    logits = torch.randn(30, 4)
-    select = logits + torch.randn(30, 4)
-    ref, fast = top_k_route(logits, 1, 10, select_SE=select), top_k_route_fast(logits, 1, 10, select_SE=select)
-    assert torch.equal(fast[3], ref[3]) and torch.equal(fast[4], ref[4])
-    empty = torch.zeros(30, dtype=torch.long)
-    ref, fast = top_k_route(logits, 2, 10, empty), top_k_route_fast(logits, 2, 10, empty)
-    assert fast[0].item() == ref[0].item() == 0 and (fast[3] == -1).all() and torch.equal(fast[6], ref[6])
-
-
-def test_fast_path_needs_no_host_sync_where_reference_does():
+def test_a_training_step_needs_no_host_sync():
     """On the meta device no value can be read back to the host: what runs there never waits on the GPU."""
-    logits, mask = torch.randn(20, 4, device="meta"), torch.ones(20, device="meta")
-    capacity = top_k_route_fast(logits, 2, 8, mask)[1]
-    assert capacity == 8 and isinstance(capacity, int), "MOELayer's int(C) reads a host value"
-    with pytest.raises(NotImplementedError):
-        top_k_route(logits, 2, 8, mask)  # boolean indexing / .any() read device values
     config = WideNetConfig.from_preset("debug")  # drop_tokens true, padding mask: a whole training step
     model = WideNetForPreTraining(config).train().to("meta")
     ids = torch.ones(3, 12, dtype=torch.long, device="meta")
@@ -175,7 +114,7 @@ def test_impl_keeps_parameter_names_tags_and_can_switch_at_run_time():
     batch = _batch(fast.config)
     ref_run = _run(ref, batch, train=True)
     fast.apply_moe_settings(MoESettings(impl="deepspeed"))
-    assert not (experts.batched or layer.fast or layer.gate.fast_routing)
+    assert not experts.batched and layer.impl == "deepspeed"
     assert fast.config.moe["impl"] == "deepspeed"
     _assert_same(_run(fast, batch, train=True), ref_run)
 
@@ -193,7 +132,7 @@ def test_grouped_runs_where_grouped_mm_is_fast_and_falls_back_to_batched_elsewhe
     assert grouped_mm_is_fast("cpu", torch.float32, None)
     grouped, ref = _models(impl="grouped")
     monkeypatch.setattr(BatchedExperts, "forward_grouped", lambda *a: pytest.fail("the grouped experts ran"))
-    monkeypatch.setattr(fast_moe, "grouped_mm_is_fast", lambda *a: False)  # as on an A100
+    monkeypatch.setattr(moe_module, "grouped_mm_is_fast", lambda *a: False)  # as on an A100
     batch = _batch(grouped.config)
     with caplog.at_level("WARNING"):
         _assert_same(_run(grouped, batch, train=True), _run(ref, batch, train=True))
@@ -287,10 +226,11 @@ def test_unknown_impl_is_refused_with_the_choices():
 
 def test_batched_experts_match_the_loop_in_bf16_and_across_expert_parallel_groups():
     config = WideNetConfig.from_preset("debug")
-    experts = Experts(FeedForward(config), num_local_experts=3, expert_group_name="ep_size_2")
-    for param in experts.parameters():
+    batched = BatchedExperts(FeedForward(config), num_local_experts=3, group_name="ep_size_2")
+    for param in batched.parameters():
         torch.nn.init.normal_(param, std=0.3)
-    batched = BatchedExperts(experts)
+    assert all(p.allreduce is False and p.group_name == "ep_size_2" for p in batched.parameters())
+    experts = batched
     x = torch.randn(2, 3, 5, config.hidden_size)  # (ep_size, local experts, capacity, H)
     loop = Experts.forward(experts, x)
     torch.testing.assert_close(batched(x), loop, atol=1e-5, rtol=1e-5)
@@ -324,7 +264,7 @@ def test_dispatch_combine_and_expert_linear_gradients_are_exact():
     torch.manual_seed(0)
     S, M, E, C = 6, 3, 4, 2
     logits = torch.randn(S, E) + torch.tensor([3.0, 0.0, 0.0, -3.0])  # expert 0 overflows, expert 3 idles
-    _, _, _, indices_KS, locations_KS, gates_KS, _ = top_k_route_fast(logits, 2, C, torch.tensor([1, 1, 1, 1, 1, 0]))
+    _, _, _, indices_KS, locations_KS, gates_KS, _ = top_k_route(logits, 2, C, torch.tensor([1, 1, 1, 1, 1, 0]))
     assert (indices_KS == -1).sum() > 1, "dropped routes and padding"
     gates_KS = gates_KS.double().requires_grad_()
     slot_KS, source_X, gate_X = route_maps(indices_KS, locations_KS, gates_KS, E, C)
@@ -389,15 +329,13 @@ def test_received_slots_are_packed_expert_after_expert_and_back():
     torch.autograd.gradcheck(unpack, (torch.randn(P, 3, dtype=torch.float64, requires_grad=True),))
 
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+ROOT = Path(__file__).resolve().parents[1]  # the benchmarks run as modules from here: python -m benchmarks.X
+BENCH = [sys.executable, "-m", "benchmarks.bench_train"]
+EP_BENCH = ["--module", "benchmarks.bench_ep"]  # for deepspeed's launcher
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.bench_train")
 
 
 @pytest.mark.parametrize("preset_overrides", [dict(num_experts=1, top_k=1), dict(num_experts=4, top_k=2)])
@@ -425,9 +363,9 @@ def test_benchmark_flop_formula_counts_every_matmul(preset_overrides):
 @pytest.mark.slow
 def test_benchmark_script_runs_on_cpu_in_smoke_mode(tmp_path):
     # one dense and one MoE preset and stack (each row costs ~0.5 s here): every code path of the script
-    command = [sys.executable, str(BENCH), "--smoke", "--presets", "albert-base", "widenet-base-e4",
+    command = [*BENCH, "--smoke", "--presets", "albert-base", "widenet-base-e4",
                "--stacks", "dense", "moe-e4-top2", "--breakdown", "--out", str(tmp_path), "--name", "smoke"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
@@ -460,32 +398,32 @@ def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
     from data.helpers import VOCAB_SIZE, write_book
 
     made = tmp_path / "text.pt"
-    maker = [sys.executable, str(BENCH.parent / "text_batches.py"), "--text", str(write_book(tmp_path / "text")),
+    maker = [sys.executable, "-m", "benchmarks.text_batches", "--text", str(write_book(tmp_path / "text")),
              "--seq", "16", "--batch", "2", "--count", "2", "--vocab_size", str(VOCAB_SIZE),
              "--work_dir", str(tmp_path / "work"), "--out", str(made)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(maker, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(maker, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = torch.load(made, weights_only=True)
     assert saved["input_ids"].shape == (2, 2, 16) and saved["mlm_positions"].shape[:2] == (2, 2)
     assert (saved["labels"] != -100).sum() == (saved["mlm_positions"] >= 0).sum() > 0
 
-    command = [sys.executable, str(BENCH), "--smoke", "--tables", "train", "hf", "--presets", "widenet-base-e4",
+    command = [*BENCH, "--smoke", "--tables", "train", "hf", "--presets", "widenet-base-e4",
                "--impls", "grouped", "--warmup", "1", "--batches", str(made), "--out", str(tmp_path), "--name", "t"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "t.json").read_text())
     assert [r["error"] for r in results["rows"]] == [None, None]
     assert "2 real-text batches of seq 16" in results["meta"]["batches"][0]
     assert all(len(r["losses"]) == 3 for r in results["rows"])
 
-    bench = _bench_module()
+    bench, common = _bench_module(), importlib.import_module("benchmarks.common")
     args = bench.parse_args(["--smoke", "--batches", str(made)])
     feed = bench.batch_feed(args.text, args.batch, vocab=512, seq=16, device=torch.device("cpu"), mlm_positions=True)
     for step in range(5):  # the file's batches in turn, each key as saved
         batch = feed()
-        assert {k: v.dtype for k, v in batch.items()} == {k: torch.long for k in bench.TEXT_KEYS}
-        assert all(torch.equal(batch[k], saved[k][step % 2].long()) for k in bench.TEXT_KEYS)
+        assert {k: v.dtype for k, v in batch.items()} == {k: torch.long for k in common.TEXT_KEYS}
+        assert all(torch.equal(batch[k], saved[k][step % 2].long()) for k in common.TEXT_KEYS)
     assert "mlm_positions" not in bench.batch_feed(args.text, 2, 512, 16, torch.device("cpu"), mlm_positions=False)()
     second_rank = bench.batch_feed(args.text, 2, 512, 16, torch.device("cpu"), mlm_positions=True, rank=1,
                                   world=2)
@@ -493,9 +431,9 @@ def test_benchmark_trains_on_real_text_batches_it_cycles_through(tmp_path):
 
     ep_out = tmp_path / "ep2.json"  # the expert-parallel benchmark on the same file: rank r its r-th batches
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(29600 + os.getpid() % 1000), str(BENCH.parent / "bench_ep.py"), "--smoke", "--ep_size", "2",
+               str(29600 + os.getpid() % 1000), *EP_BENCH, "--smoke", "--ep_size", "2",
                "--seq", "16", "--batch", "2", "--batches", str(made), "--out", str(ep_out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads(ep_out.read_text())
     assert (record["batches"], record["mlm_head"], record["seq"]) == ([str(made)], "masked", 16)
@@ -510,9 +448,9 @@ def test_benchmark_times_steps_of_several_micro_batches(tmp_path):
     """--grad_accum 3: a timed step is 3 micro-batches and one optimizer step (tokens and FLOPs x 3); CUDA graphs
     with accumulation under a config that keeps gradients between micro-batches are refused before any compute."""
     bench = _bench_module()
-    command = [sys.executable, str(BENCH), "--smoke", "--tables", "train", "hf", "--presets", "widenet-base-e4",
+    command = [*BENCH, "--smoke", "--tables", "train", "hf", "--presets", "widenet-base-e4",
                "--impls", "grouped", "--grad_accum", "3", "--out", str(tmp_path), "--name", "acc"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = json.loads((tmp_path / "acc.json").read_text())
     args = bench.parse_args(["--smoke"])
@@ -546,9 +484,9 @@ def test_benchmark_starts_from_an_exported_model_with_init(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = {}
     for name, extra in (("fresh", []), ("init", ["--init", str(tmp_path / "export")])):
-        command = [sys.executable, str(BENCH), "--smoke", "--tables", "train", "--presets", "widenet-base-e4",
+        command = [*BENCH, "--smoke", "--tables", "train", "--presets", "widenet-base-e4",
                    "--impls", "grouped", "--out", str(tmp_path), "--name", name, *extra]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         (row,) = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
         assert row["error"] is None
@@ -576,9 +514,9 @@ def test_expert_parallel_benchmark_runs_on_two_cpu_ranks(tmp_path):
     for name, extra in (("fresh", ["--impl", "batched"]), ("init", ["--impl", "grouped", "--init", str(tmp_path / "export")])):
         out = tmp_path / f"{name}.json"
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                   "--master_port", str(29700 + os.getpid() % 1000), str(BENCH.parent / "bench_ep.py"), "--smoke",
+                   "--master_port", str(29700 + os.getpid() % 1000), *EP_BENCH, "--smoke",
                    "--ep_size", "2", "--zero", "1:fp32", "--out", str(out), *extra]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         records[name] = record = json.loads(out.read_text())

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from widenet_ds.modeling import fused_act
-from widenet_ds.modeling.fast_moe import bias_act_ops
+from widenet_ds.modeling.experts import bias_act_ops
 from widenet_ds.modeling.fused_act import fused_bias_act_runs
 from widenet_ds.modeling.layers import ACTIVATION_FNS
 
@@ -63,17 +63,17 @@ def _check_model():
     from test_fast_path import _batch, _bf16_run, _models
 
     from widenet_ds import MoESettings
-    from widenet_ds.modeling import fast_moe
+    from widenet_ds.modeling import experts
 
     calls = []
-    fused = fast_moe.bias_act
+    fused = experts.bias_act
 
     def counting(h, b, expert, act):
         calls.append(act)
-        assert fast_moe.fused_bias_act_runs(h, act)
+        assert experts.fused_bias_act_runs(h, act)
         return fused(h, b, expert, act)
 
-    fast_moe.bias_act = counting
+    experts.bias_act = counting
     grouped, batched = _models(impl="grouped")
     batched.apply_moe_settings(MoESettings(impl="batched"))
     batch = _batch(grouped.config)
@@ -107,10 +107,39 @@ def test_fused_kernel_runs_where_triton_runs(monkeypatch):
     assert not fused_bias_act_runs(x, "silu"), "an activation the kernel does not know: the unfused ops"
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert not fused_bias_act_runs(x, "gelu_new"), "deterministic algorithms: the bias gradient's atomics are not"
-    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_moe_fused_act_setting_switches_the_kernel(monkeypatch, fused):
+    """``moe.fused_act`` (the DeepSpeed JSON's moe block, recorded in the config): on, the grouped experts
+    call the kernel where it can run (here: the interpreter's conditions, the kernel itself replaced by
+    its plain-ops twin); off, they never do. Same results either way; switchable at run time."""
+    from test_fast_path import _batch, _models, _run
+
+    from widenet_ds import MoESettings
+    from widenet_ds.modeling import experts
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("WIDENET_DS_FUSED_ACT", "0")
-    assert not fused_bias_act_runs(x, "gelu_new"), "switched off"
+    calls = []
+    monkeypatch.setattr(experts, "bias_act",
+                        lambda h, b, e, act: calls.append(act) or bias_act_ops(h, b, e, ACTIVATION_FNS[act]))
+    grouped, ref = _models(impl="grouped", moe={"fused_act": fused})
+    assert grouped.config.moe["fused_act"] is fused
+    batch = _batch(grouped.config)
+    grouped_run = _run(grouped, batch, train=True)
+    assert len(calls) == (grouped.config.num_hidden_layers if fused else 0)
+    torch.testing.assert_close(grouped_run[0].loss, _run(ref, batch, train=True)[0].loss)
+    grouped.apply_moe_settings(MoESettings(impl="grouped", fused_act=not fused))
+    calls.clear()
+    _run(grouped, batch, train=True)
+    assert len(calls) == (0 if fused else grouped.config.num_hidden_layers)
+
+
+def test_a_fused_act_that_is_not_a_boolean_is_refused():
+    from widenet_ds import ConfigError, WideNetConfig
+
+    with pytest.raises(ConfigError, match="moe.fused_act must be true or false, got 'off'"):
+        WideNetConfig.from_preset("debug", moe={"fused_act": "off"})
 
 
 @pytest.mark.slow
@@ -118,8 +147,7 @@ def test_expert_benchmark_runs_on_cpu_in_smoke_mode(tmp_path):
     """benchmarks/bench_experts.py (the fused kernels' measurement), interpreted: both variants ran on
     the same inputs and agree; the kernel check is within bf16 rounding."""
     out = tmp_path / "experts.json"
-    script = HERE.parent / "benchmarks" / "bench_experts.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_experts", "--smoke", "--out", str(out)], cwd=HERE.parent,
                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())

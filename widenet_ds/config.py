@@ -57,9 +57,12 @@ class MoESettings:
     # batched matmul over all E x C capacity slots and routes without host syncs; "grouped" packs the
     # kept routes and runs grouped matmuls over them only (with expert parallelism: the filled slots each
     # rank received);
-    # "deepspeed" is DeepSpeed's expert loop and the reference router. A run-time setting, not
-    # architecture: checkpoints load under any.
+    # "deepspeed" is DeepSpeed's own MoE forward and expert loop (the reference). A run-time setting,
+    # not architecture: checkpoints load under any.
     impl: str = "batched"
+    # The grouped experts' first bias + activation as one Triton kernel each way, where Triton runs
+    # (false: plain ops, e.g. for a Triton problem on a GPU or to compare). Same function either way.
+    fused_act: bool = True
 
     @classmethod
     def from_dict(cls, block: dict[str, Any] | None, source: str = "moe block") -> MoESettings:
@@ -95,8 +98,9 @@ class MoESettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 out.append(f"{source}.{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.drop_tokens, bool):
-            out.append(f"{source}.drop_tokens must be true or false, got {self.drop_tokens!r}")
+        for name in ("drop_tokens", "fused_act"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{source}.{name} must be true or false, got {getattr(self, name)!r}")
         if self.impl not in MOE_IMPLS:
             out.append(f"{source}.impl must be one of {MOE_IMPLS}, got {self.impl!r}")
         return out

@@ -16,7 +16,7 @@ NO_DECAY = ("bias", "LayerNorm", "_norm", "final_norm")
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay / no-decay groups (no decay on biases and LayerNorms), split by DeepSpeed into
     expert and non-expert groups so expert gradients reduce over the expert data-parallel group."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from ..modeling.deepspeed_moe import split_moe_param_groups
 
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -24,7 +24,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             (no_decay if any(tag in name for tag in NO_DECAY) else decay).append(param)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
+    return split_moe_param_groups(groups)
 
 
 def build_optimizer(model: nn.Module, spec: dict[str, Any]) -> torch.optim.Optimizer:

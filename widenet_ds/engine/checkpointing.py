@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from ..config import WideNetConfig, WideNetVisionConfig
 from ..modeling import WideNetForImageClassification, WideNetForPreTraining, image_processor_for
+from ..modeling.deepspeed_moe import EXPERT_FILE_GLOB, is_expert_key
 from ..safe_io import UnsafeFileError, load_pt, refuse_unsafe_globals, sha256_files
 
 log = logging.getLogger(__name__)
@@ -338,8 +339,8 @@ def full_state_dict(path: Path) -> dict[str, torch.Tensor]:
     main = path / "mp_rank_00_model_states.pt"
     if not main.is_file():
         raise CheckpointError(f"{path}: no mp_rank_00_model_states.pt, not a DeepSpeed checkpoint")
-    state = {k: v for k, v in _load(main)["module"].items() if "deepspeed_experts" not in k}
-    for expert_file in sorted(path.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+    state = {k: v for k, v in _load(main)["module"].items() if not is_expert_key(k)}
+    for expert_file in sorted(path.glob(EXPERT_FILE_GLOB)):
         state.update(_load(expert_file))
     return state
 

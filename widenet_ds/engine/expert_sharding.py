@@ -1,17 +1,19 @@
 """Mapping expert weights between the full layout (all E experts, ep_size 1) and one
 expert-parallel rank's local layout (E / ep_size experts, renumbered from 0).
 
-DeepSpeed names expert parameters ``...deepspeed_experts.<local index>.<name>``; rank r of
-an ep_size-P group holds global experts ``r * E/P ... (r + 1) * E/P - 1``.
+DeepSpeed names expert parameters ``...deepspeed_experts.<local index>.<name>``
+(``EXPERT_KEY``, from the one module that knows DeepSpeed's names); rank r of an ep_size-P
+group holds global experts ``r * E/P ... (r + 1) * E/P - 1``.
 """
 
 from __future__ import annotations
 
-import re
-
 from torch import Tensor
 
-_EXPERT_KEY = re.compile(r"(.*\.deepspeed_experts\.)(\d+)(\..*)")
+from ..modeling.deepspeed_moe import EXPERT_KEY, expert_parallel_rank_groups, is_expert_key
+
+__all__ = ["EXPERT_KEY", "expert_parallel_rank", "is_expert_key", "local_expert_range", "to_global_experts",
+           "to_local_experts"]
 
 
 def local_expert_range(num_experts: int, ep_size: int, ep_rank: int) -> range:
@@ -26,7 +28,7 @@ def to_local_experts(state_dict: dict[str, Tensor], num_experts: int, ep_size: i
     wanted = local_expert_range(num_experts, ep_size, ep_rank)
     out = {}
     for key, value in state_dict.items():
-        match = _EXPERT_KEY.fullmatch(key)
+        match = EXPERT_KEY.fullmatch(key)
         if match is None:
             out[key] = value
         elif int(match[2]) in wanted:
@@ -40,7 +42,7 @@ def to_global_experts(state_dict: dict[str, Tensor], num_experts: int, ep_size: 
     first = local_expert_range(num_experts, ep_size, ep_rank).start
     out = {}
     for key, value in state_dict.items():
-        match = _EXPERT_KEY.fullmatch(key)
+        match = EXPERT_KEY.fullmatch(key)
         out[key if match is None else f"{match[1]}{int(match[2]) + first}{match[3]}"] = value
     return out
 
@@ -49,8 +51,5 @@ def expert_parallel_rank(rank: int, world_size: int, ep_size: int, data_before_e
     """This rank's index in its expert-parallel group, as ``deepspeed.initialize`` will lay the groups
     out (``data_before_expert``: the JSON's ``use_data_before_expert_parallelism``). Known before
     the engine exists, so full weights can be sliced before DeepSpeed copies them into the optimizer."""
-    from deepspeed.utils.groups import _get_expert_parallel_ranks
-
-    groups, _ = _get_expert_parallel_ranks(world_size, 1, ep_size,
-                                           use_data_before_expert_parallel_=data_before_expert)
+    groups = expert_parallel_rank_groups(world_size, ep_size, data_before_expert)
     return next(group.index(rank) for group in groups if rank in group)

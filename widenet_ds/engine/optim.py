@@ -167,9 +167,6 @@ def _squares_per_layer(p: Tensor, update: Tensor, layer_of_piece: Tensor, length
 
 def _data_parallel_group(group: dict[str, Any]):
     """The process group over which DeepSpeed partitions this parameter group."""
-    from deepspeed.moe.utils import is_moe_param_group
-    from deepspeed.utils import groups
+    from ..modeling.deepspeed_moe import param_group_process_group
 
-    if is_moe_param_group(group):
-        return groups._get_expert_data_parallel_group(group["name"])
-    return groups._get_data_parallel_group()
+    return param_group_process_group(group)

@@ -78,7 +78,7 @@ def add_launcher_arguments(group, default_config: str) -> None:
 
 def compile_variant(text: str) -> str:
     """argparse type of ``--compile``: 'none' or 'scope[:setting...]' (``compile_settings``)."""
-    from ..modeling import compile_settings
+    from ..engine.compile import compile_settings
 
     try:
         compile_settings(text)
@@ -89,7 +89,7 @@ def compile_variant(text: str) -> str:
 
 
 def add_compile_argument(group, padding: str) -> None:
-    """``--compile SCOPE[:SETTING...]``: ``torch.compile`` the model (widenet_ds.modeling.compile_model);
+    """``--compile SCOPE[:SETTING...]``: ``torch.compile`` the model (widenet_ds.engine.compile.compile_model);
     ``padding`` says how the job pads a compiled model's batches."""
     group.add_argument("--compile", default="none", type=compile_variant, metavar="SCOPE[:SETTING...]",
                        help="torch.compile the model: 'model' (one graph; on a GPU the fastest, see "

@@ -45,6 +45,7 @@ from ..engine.compile import check_cuda_graphs, compile_if_asked
 from ..engine.ds_config import RunConfig, load_run_config
 from ..engine.expert_sharding import (
     expert_parallel_rank,
+    is_expert_key,
     to_global_experts,
     to_local_experts,
 )
@@ -399,13 +400,13 @@ def gather_full_weights(job: Job, state: dict[str, torch.Tensor]) -> dict[str, t
     rank, world = _rank_world()
     ep_rank = expert_parallel_rank(rank, world, ep_size,
                                    job.run.deepspeed.get("use_data_before_expert_parallelism", False))
-    experts = to_global_experts({k: v for k, v in state.items() if "deepspeed_experts" in k},
+    experts = to_global_experts({k: v for k, v in state.items() if is_expert_key(k)},
                                 job.config.num_experts, ep_size, ep_rank)
     parts = [None] * world if rank == 0 else None
     dist.gather_object(experts, parts, dst=0)
     if rank != 0:
         return None
-    full = {k: v for k, v in state.items() if "deepspeed_experts" not in k}
+    full = {k: v for k, v in state.items() if not is_expert_key(k)}
     for part in parts:  # expert-data-parallel replicas hold equal copies
         full.update(part)
     return full

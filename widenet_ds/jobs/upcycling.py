@@ -23,6 +23,7 @@ from typing import Any
 from torch import Tensor
 
 from ..config import ACTIVATIONS, ConfigError, WideNetConfig
+from ..modeling.deepspeed_moe import expert_module_prefix
 
 # Fields an ALBERT checkpoint does not fix: the MoE's shape and router, and dropout.
 UPCYCLE_FIELDS = frozenset({"num_experts", "top_k", "router_noise", "router_noise_std", "hidden_dropout_prob",
@@ -60,8 +61,8 @@ def widenet_config_from_albert(albert: Any, num_experts: int = 4, top_k: int = 2
 def _targets(config: WideNetConfig) -> dict[str, list[str]]:
     """ALBERT module (its prefix ``albert.`` removed) -> the WideNet modules it initialises."""
     blocks = range(config.num_hidden_layers)
-    experts = ([f"widenet.encoder.ffn.0.moe.deepspeed_moe.experts.deepspeed_experts.{e}."
-                for e in range(config.num_experts)] if config.num_experts > 1 else ["widenet.encoder.ffn.0."])
+    experts = ([expert_module_prefix("widenet.encoder.ffn.0", e) for e in range(config.num_experts)]
+               if config.num_experts > 1 else ["widenet.encoder.ffn.0."])
     embeddings = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
     return {
         **{f"embeddings.{name}": [f"widenet.embeddings.{name}"] for name in embeddings},

@@ -1,19 +1,19 @@
 """Bias + activation of the grouped experts' first layer as one Triton kernel each way.
 
 The packed rows (X, I) that leave the first grouped matmul get their expert's bias and the
-activation; rows past the last group (expert E) give zero. Compiled, Inductor runs this as two
-elementwise kernels at ~2.5-2.9 TB/s on an H200 (the row's expert gathered per element) plus, for
-the bias gradient, a matmul with a one-hot that reads the gradient once more. Here the forward is
-one pass (read the matmul's output, write the activation) and the backward one pass that also sums
+activation; rows past the last group (expert E) give zero. Compiled without it, Inductor runs
+this as two elementwise kernels (the row's expert gathered per element) plus, for the bias
+gradient, a matmul with a one-hot that reads the gradient once more. Here the forward is one
+pass (read the matmul's output, write the activation) and the backward one pass that also sums
 the bias gradient per expert (fp32 atomics, one flush per expert per strip of rows: the order of
 the additions, and so the last bits of the bias gradient, vary from run to run). A tile of rows is
-one expert's: the packing starts each expert's group at a multiple of 16 rows.
+one expert's: the packing starts each expert's group at a multiple of 16 rows (packing.py).
 
 ``bias_act`` is a custom op (``torch.library.custom_op``, with its shapes for tracing and its
 backward): torch.compile keeps it as one call, CUDA graphs capture it. It runs where Triton runs
-(CUDA; the CPU under ``TRITON_INTERPRET=1``, as the tests do); ``fused_bias_act_runs`` says where.
-Measured with benchmarks/bench_experts.py (benchmarks/reports/moe_experts_h200_202611.md).
-Shape suffixes as in fast_moe.py.
+(CUDA; the CPU under ``TRITON_INTERPRET=1``, as the tests do); ``fused_bias_act_runs`` says where,
+and the ``moe.fused_act`` setting switches it off. Measurements:
+benchmarks/reports/moe_experts_h200_202611.md. Shapes: the legend in ``widenet_ds.modeling``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the unfused path in fast_moe.py
+except ImportError:  # CPU-only installs: the unfused path in experts.py
     triton = bias_act = None
 
 ACTS = ("gelu_new", "gelu", "relu")  # layers.ACTIVATION_FNS, by their config names
@@ -34,10 +34,10 @@ BLOCK_M, BLOCK_N, STRIP_M = 16, 256, 256  # rows x columns per tile; rows per ba
 
 
 def fused_bias_act_runs(x: Tensor, act: str) -> bool:
-    """Whether ``bias_act`` runs for these rows: Triton installed, a CUDA tensor (or the Triton
-    interpreter on the CPU), an activation it knows, not switched off (``WIDENET_DS_FUSED_ACT=0``) and
-    no deterministic algorithms asked for (``torch.use_deterministic_algorithms``)."""
-    if triton is None or act not in ACTS or os.environ.get("WIDENET_DS_FUSED_ACT") == "0":
+    """Whether ``bias_act`` can run for these rows: Triton installed, a CUDA tensor (or the Triton
+    interpreter on the CPU), an activation it knows and no deterministic algorithms asked for
+    (``torch.use_deterministic_algorithms``). The ``moe.fused_act`` setting is checked by the caller."""
+    if triton is None or act not in ACTS:
         return False
     if torch.are_deterministic_algorithms_enabled():  # the bias gradient's atomics are not
         return False
@@ -112,7 +112,7 @@ if triton is not None:
     @torch.library.custom_op("widenet_ds::bias_act", mutates_args=())
     def bias_act(h_XI: Tensor, b_EI: Tensor, expert_X: Tensor, act: str) -> Tensor:
         """``act(h_XI + b_EI[expert_X])`` for rows of an expert, 0 for rows of expert E. ``expert_X`` is
-        ascending and each expert's rows start at a multiple of ``BLOCK_M`` (fast_moe's packing)."""
+        ascending and each expert's rows start at a multiple of ``BLOCK_M`` (packing.py)."""
         h_XI, b_EI, expert_X = h_XI.contiguous(), b_EI.contiguous(), expert_X.contiguous()
         X, I = h_XI.shape
         out = torch.empty_like(h_XI)

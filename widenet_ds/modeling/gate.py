@@ -1,31 +1,41 @@
-"""WideNet's router, as a gate that plugs into DeepSpeed's ``MOELayer``.
+"""WideNet's router: the gate of the MoE layer.
 
 ``g(x) = TopK(softmax(f(x) + eps))``, eps ~ N(0, std^2) in training (std 1/E by default),
 per-expert capacity ``max(ceil(C * K * S / E), min_capacity)``, and the Switch
-load-balance loss ``E * sum_e m_e * P_e``.
+load-balance loss ``E * sum_e m_e * P_e``. Shapes: the legend in ``widenet_ds.modeling``.
 
-Shape suffixes: S tokens, E experts, K routes per token, R = K*S routes.
-
-DeepSpeed's ``TopKGate`` has no additive logit noise and its top-2 path samples the
-second expert with Gumbel noise even in eval mode; this gate is deterministic in eval.
-It returns what ``MOELayer`` expects of a sparse-route gate, with one documented
-difference: ``exp_counts`` is a (2, E) tensor, row 0 the routes each expert received,
-row 1 the routes it kept within capacity (DeepSpeed only passes it through).
-
-``top_k_route`` is the readable reference; ``top_k_route_fast`` computes the same routes
-without host synchronisations (the gate's default).
+``top_k_route`` routes S tokens: capacity is filled in priority order (every token's first
+choice before any second choice, token order within a choice; GShard / DeepSpeed top-2), with
+no host synchronisation, so a compiled model stays one graph. ``WideNetGate`` adds the router's
+weight and noise and plugs into DeepSpeed's ``MOELayer`` (it subclasses DeepSpeed's ``TopKGate``).
+Unlike DeepSpeed's gate it adds Gaussian logit noise, and it is deterministic in eval mode
+(DeepSpeed's top-2 samples the second expert with Gumbel noise even there).
 """
 
 from __future__ import annotations
 
 import math
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-from deepspeed import comm as dist
-from deepspeed.comm import pg_utils
-from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter
 from torch import Tensor
+
+from .deepspeed_moe import TopKGate, all_reduce_max, gumbel_rsample, is_parallel, multiplicative_jitter
+
+
+class Routing(NamedTuple):
+    """One routing call's result. A tuple in this order, the one DeepSpeed's ``MOELayer`` unpacks from
+    a sparse-route gate. Dropped routes have index -1, location 0 and gate 0."""
+
+    l_aux: Tensor  # load-balance loss (scalar, differentiable)
+    capacity: int | Tensor  # C, slots per expert: a host int when known there, else a device scalar
+    num_experts: int  # E
+    indices_KS: Tensor  # int32 expert of each route (-1: dropped or padding)
+    locations_KS: Tensor  # int32 slot of each kept route within its expert (0 .. kept_e - 1)
+    gates_KS: Tensor  # fp32 combine weight of each route (0 when dropped)
+    counts_2E: Tensor  # int64: row 0 the routes each expert received, row 1 the routes it kept
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -47,8 +57,7 @@ def top_k_choices(scores_SE: Tensor, k: int) -> Tensor:
     """The k highest-scoring experts of each token, best first, as an (S, k) int64 tensor.
 
     ``torch.topk``'s indices, by k rounds of argmax (ties: the lower expert first): one fused
-    kernel under torch.compile, where ``topk`` is a selection kernel plus a sort (~80 us per
-    layer for 64 x 512 tokens on an H200, for 4 experts).
+    kernel under torch.compile, where ``topk`` is a selection kernel plus a sort.
     """
     choices = []
     for _ in range(k):
@@ -58,23 +67,23 @@ def top_k_choices(scores_SE: Tensor, k: int) -> Tensor:
     return torch.stack(choices, dim=-1)
 
 
-def router_logits(x_SD: Tensor, weight_ED: Tensor) -> Tensor:
+def router_logits(x_SH: Tensor, weight_EH: Tensor) -> Tensor:
     """fp32 router logits ``x @ w^T``.
 
-    Compiled, as a multiply and a sum over D: Inductor fuses the products into reductions over
+    Compiled, as a multiply and a sum over H: Inductor fuses the products into reductions over
     the bf16 activations as they are (forward one kernel, backward a reduction and a pointwise
-    kernel), where an fp32 matmul with E output columns is three memory-bound cuBLAS calls on an
-    fp32 copy of the activations, kept for the backward (measured gain:
-    benchmarks/reports/router_h200_202611.md). Both compute fp32 products of the same values; sums
-    may differ in order. (A compiler without Inductor's fusion would make the (S, E, D) products.)
+    kernel), where an fp32 matmul with E output columns is memory-bound cuBLAS calls on an fp32
+    copy of the activations, kept for the backward (benchmarks/reports/router_h200_202611.md).
+    Both compute fp32 products of the same values; sums may differ in order. (A compiler without
+    Inductor's fusion would make the (S, E, H) products.)
     """
     if torch.compiler.is_compiling():
-        return (x_SD.float()[:, None, :] * weight_ED.float()[None, :, :]).sum(-1)
-    return F.linear(x_SD.float(), weight_ED.float())
+        return (x_SH.float()[:, None, :] * weight_EH.float()[None, :, :]).sum(-1)
+    return F.linear(x_SH.float(), weight_EH.float())
 
 
 def top_k_route(logits_SE: Tensor, k: int, capacity: int | None, token_mask_S: Tensor | None = None,
-                normalize: bool = False, select_SE: Tensor | None = None, ep_group=None):
+                normalize: bool = False, select_SE: Tensor | None = None, ep_group=None) -> Routing:
     """Route S tokens to their top-k experts under a per-expert capacity.
 
     Args:
@@ -86,57 +95,13 @@ def top_k_route(logits_SE: Tensor, k: int, capacity: int | None, token_mask_S: T
         select_SE: scores that pick the experts, if not the probabilities (Gumbel sampling).
         ep_group: expert-parallel group; capacities are made equal across it.
 
-    Capacity is filled in priority order: every token's first choice before any second
-    choice, and in token order within a choice (GShard / DeepSpeed top-2).
-
-    Returns ``(l_aux, capacity, E, indices_KS, locations_KS, gates_KS, counts_2E)``;
-    dropped routes have index -1 and gate 0.
-    """
-    probs_SE = F.softmax(logits_SE, dim=-1)
-    num_tokens, num_experts = probs_SE.shape
-    choice_SK = torch.topk(probs_SE if select_SE is None else select_SE, k, dim=-1).indices
-    gates_SK = probs_SE.gather(1, choice_SK)
-    used_S = torch.ones(num_tokens, dtype=torch.bool, device=logits_SE.device)
-    if token_mask_S is not None:
-        used_S = token_mask_S.reshape(-1).bool()
-    onehot_KSE = F.one_hot(choice_SK.t(), num_experts) * used_S[None, :, None]
-    routed_E = onehot_KSE.sum((0, 1))
-
-    used_probs_SE = probs_SE[used_S] if token_mask_S is not None else probs_SE
-    l_aux = load_balance_loss(used_probs_SE, onehot_KSE.sum(0)[used_S], k) if used_S.any() else probs_SE.sum() * 0
-
-    capacity_t = routed_E.max() if capacity is None else torch.tensor(capacity, device=logits_SE.device)
-    if pg_utils.is_parallel(ep_group):
-        dist.all_reduce(capacity_t, op=dist.ReduceOp.MAX, group=ep_group)
-
-    position_KSE = onehot_KSE.reshape(-1, num_experts).cumsum(0).reshape_as(onehot_KSE) - 1
-    location_KS = (position_KSE * onehot_KSE).sum(-1)
-    kept_KS = used_S[None, :] & (location_KS < capacity_t)
-    gates_KS = gates_SK.t() * kept_KS
-    if normalize:
-        gates_KS = gates_KS / gates_KS.sum(0, keepdim=True).clamp(min=torch.finfo(gates_KS.dtype).eps)
-    indices_KS = torch.where(kept_KS, choice_SK.t(), -1).to(torch.int32)
-    locations_KS = (location_KS * kept_KS).to(torch.int32)
-    kept_E = (onehot_KSE * kept_KS[..., None]).sum((0, 1))
-    counts_2E = torch.stack([routed_E, kept_E]).detach()
-    return l_aux, capacity_t, num_experts, indices_KS, locations_KS, gates_KS, counts_2E
-
-
-def top_k_route_fast(logits_SE: Tensor, k: int, capacity: int | None, token_mask_S: Tensor | None = None,
-                     normalize: bool = False, select_SE: Tensor | None = None, ep_group=None):
-    """``top_k_route`` without host synchronisations and without int64 one-hot tensors.
-
-    Same arguments and returns; indices, locations and counts are bit-identical, gates and
-    l_aux equal up to float rounding (tests/test_fast_path.py). Differences:
-
-    - the capacity comes back as a Python int when it is known on the host (``capacity``
-      given, no expert-parallel group), so ``int(C)`` in ``MOELayer`` does not wait for the GPU;
-    - padding is handled by masking, not boolean indexing or ``.any()`` (both synchronise);
-    - the choices come from ``top_k_choices`` (fused when compiled; ties go to the lower expert,
-      where ``torch.topk`` leaves them unspecified);
-    - route positions come from one flat int32 scan over a bool (E, K*S) matrix (not an int64
-      scan down the routes of a (K*S, E) one-hot), and an expert keeps ``min(routes, capacity)``
-      routes, so the kept counts need no second pass.
+    Nothing here reads a device value on the host: the capacity comes back as a Python int when
+    it is known there (``capacity`` given, no expert-parallel group), so ``int(C)`` in ``MOELayer``
+    does not wait for the GPU, and padding is masked (no boolean indexing, no ``.any()``). The
+    choices come from ``top_k_choices`` (ties go to the lower expert). A route's slot is the
+    number of earlier routes to its expert, from one flat int32 scan over a bool (E, R) matrix,
+    and an expert keeps ``min(routes, capacity)`` routes, so the kept counts need no second pass.
+    tests/reference_router.py is the same routing written plainly; the tests hold the two equal.
     """
     probs_SE = F.softmax(logits_SE, dim=-1)
     num_tokens, num_experts = probs_SE.shape
@@ -149,9 +114,9 @@ def top_k_route_fast(logits_SE: Tensor, k: int, capacity: int | None, token_mask
     if used_S is not None:
         onehot_ER &= used_S.repeat(k)[None, :]
     routed_E = onehot_ER.sum(1)  # int64, as DeepSpeed's counts
-    # A route's slot is the number of earlier routes to its expert. One scan of the flat expert-major
-    # matrix (a single-pass device scan) minus the routes of the lower experts gives it; a scan down
-    # the route axis of a (R, E) matrix is an outer-dimension scan, ~3-5 ms per call on an H200.
+    # A route's slot is the number of earlier routes to its expert: one scan of the flat expert-major
+    # matrix (a single-pass device scan, where a scan down the route axis of an (R, E) matrix is a slow
+    # outer-dimension scan) minus the routes of the lower experts.
     filled_ER = onehot_ER.view(-1).cumsum(0, dtype=torch.int32).view_as(onehot_ER)
     lower_E = (routed_E.cumsum(0) - routed_E).to(torch.int32)
     location_R = filled_ER.gather(0, choice_R[None, :]).squeeze(0) - lower_E[choice_R] - 1
@@ -159,9 +124,9 @@ def top_k_route_fast(logits_SE: Tensor, k: int, capacity: int | None, token_mask
     l_aux = _masked_load_balance_loss(probs_SE, routed_E, k, used_S)
 
     limit = capacity  # None: every route is kept
-    if pg_utils.is_parallel(ep_group):  # the group agrees on the largest capacity (a device value)
+    if is_parallel(ep_group):  # the group agrees on the largest capacity (a device value)
         limit = routed_E.max() if capacity is None else torch.tensor(capacity, device=logits_SE.device)
-        dist.all_reduce(limit, op=dist.ReduceOp.MAX, group=ep_group)
+        all_reduce_max(limit, ep_group)
     capacity_out = routed_E.max() if limit is None else limit
     kept_KS = torch.ones_like(location_KS, dtype=torch.bool) if limit is None else location_KS < limit
     if used_S is not None:
@@ -173,7 +138,7 @@ def top_k_route_fast(logits_SE: Tensor, k: int, capacity: int | None, token_mask
     locations_KS = torch.where(kept_KS, location_KS, 0)
     kept_E = routed_E if limit is None else routed_E.clamp(max=limit)
     counts_2E = torch.stack([routed_E, kept_E]).detach()
-    return l_aux, capacity_out, num_experts, indices_KS, locations_KS, gates_KS, counts_2E
+    return Routing(l_aux, capacity_out, num_experts, indices_KS, locations_KS, gates_KS, counts_2E)
 
 
 def _masked_load_balance_loss(probs_SE: Tensor, routed_E: Tensor, k: int, used_S: Tensor | None) -> Tensor:
@@ -190,10 +155,10 @@ def _masked_load_balance_loss(probs_SE: Tensor, routed_E: Tensor, k: int, used_S
 
 
 class WideNetGate(TopKGate):
-    """Top-k router with the paper's Gaussian logit noise, for DeepSpeed's ``MOELayer``.
+    """Top-k router with the paper's Gaussian logit noise, as the gate of DeepSpeed's ``MOELayer``.
 
     Args:
-        model_dim: hidden size of the tokens routed.
+        model_dim: hidden size H of the tokens routed.
         num_experts: experts E (global, across the expert-parallel group).
         k: routes per token.
         capacity_factor: C in training.
@@ -204,19 +169,16 @@ class WideNetGate(TopKGate):
             jitter), 'rsample' (Gumbel-sampled top-1 choice) or 'none'. Training only.
         noise_std: std of the Gaussian noise.
         normalize: rescale each token's kept gates to sum 1.
-        fast_routing: route with ``top_k_route_fast`` (no host syncs) instead of ``top_k_route``.
     """
 
     def __init__(self, model_dim: int, num_experts: int, k: int, capacity_factor: float,
                  eval_capacity_factor: float, min_capacity: int, drop_tokens: bool,
-                 noise: str = "gaussian", noise_std: float = 0.0, normalize: bool = False,
-                 fast_routing: bool = True) -> None:
+                 noise: str = "gaussian", noise_std: float = 0.0, normalize: bool = False) -> None:
         super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                          noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False)
         self.noise = noise
         self.noise_std = noise_std
         self.normalize = normalize
-        self.fast_routing = fast_routing
         # (this rank's token count, the largest in the expert-parallel group), agreed once per
         # forward by the encoder (agree_token_count); spares every routing call an all-reduce
         self.group_tokens: tuple[int, int] | None = None
@@ -225,11 +187,11 @@ class WideNetGate(TopKGate):
         """With expert parallelism and token dropping, the ranks must use one capacity: the one of
         the largest token count in the group. One all-reduce and one host read, for every routing
         call of the forward that follows with this many tokens (instead of one per call)."""
-        if not (self.drop_tokens and pg_utils.is_parallel(self.ep_group)):
+        if not (self.drop_tokens and is_parallel(self.ep_group)):
             self.group_tokens = None
             return
         count = torch.tensor(num_tokens, device=device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ep_group)
+        all_reduce_max(count, self.ep_group)
         self.group_tokens = (num_tokens, int(count.item()))
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -240,20 +202,22 @@ class WideNetGate(TopKGate):
         return expert_capacity(num_tokens, self.wg.out_features, self.k, factor, self.min_capacity)
 
     def forward(self, input: Tensor, used_token: Tensor | None = None, sparse_routes: bool = True,
-                use_tutel: bool = False):
+                use_tutel: bool = False) -> Routing:
+        """Route the (S, H) tokens ``input``; ``used_token`` (S,) is 1 for real tokens. The last two
+        arguments are those ``MOELayer`` passes; only its sparse-route path is served."""
         assert sparse_routes and not use_tutel, "WideNetGate serves MOELayer's sparse-route path only"
-        x_SD = input
+        x_SH = input
         noisy = self.training and self.noise != "none"
         if noisy and self.noise == "jitter":
-            x_SD = multiplicative_jitter(x_SD.float(), device=x_SD.device)
-        logits_SE = router_logits(x_SD, self.wg.weight)
+            x_SH = multiplicative_jitter(x_SH.float(), device=x_SH.device)
+        logits_SE = router_logits(x_SH, self.wg.weight)
         select_SE = None
         if noisy and self.noise == "gaussian" and self.noise_std > 0:
             logits_SE = logits_SE + torch.randn_like(logits_SE) * self.noise_std
         elif noisy and self.noise == "rsample":
             select_SE = logits_SE + gumbel_rsample(logits_SE.shape, device=logits_SE.device)
-        route = top_k_route_fast if self.fast_routing else top_k_route
-        num_tokens, ep_group = x_SD.shape[0], self.ep_group
-        if self.fast_routing and self.drop_tokens and self.group_tokens and self.group_tokens[0] == num_tokens:
+        num_tokens, ep_group = x_SH.shape[0], self.ep_group
+        if self.drop_tokens and self.group_tokens and self.group_tokens[0] == num_tokens:
             num_tokens, ep_group = self.group_tokens[1], None  # the group's capacity, agreed already
-        return route(logits_SE, self.k, self.capacity(num_tokens), used_token, self.normalize, select_SE, ep_group)
+        return top_k_route(logits_SE, self.k, self.capacity(num_tokens), used_token, self.normalize, select_SE,
+                           ep_group)

@@ -1,22 +1,17 @@
-"""Encoder building blocks: embeddings, attention, FFN / MoE, blocks and the encoder.
+"""Encoder building blocks: embeddings, attention, FFN (the MoE is in moe.py), blocks and the encoder.
 
-Read top to bottom. Shape suffixes: B batch, T tokens, H hidden, E experts.
-Module names follow Hugging Face ALBERT where the roles match, so ALBERT weights map
-onto them by name.
+Read top to bottom. Shapes: the legend in ``widenet_ds.modeling``. Module names follow Hugging
+Face ALBERT where the roles match, so ALBERT weights map onto them by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
-from ..config import MoESettings, WideNetConfig
-from .fast_moe import BatchedExperts, GatherMOELayer
-from .gate import WideNetGate
+from ..config import WideNetConfig
+from .moe import MoEFeedForward, RoutingStats
 
 ACTIVATION_FNS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -84,67 +79,6 @@ class FeedForward(nn.Module):
         return self.ffn_output(self.act(self.ffn(x)))
 
 
-@dataclass
-class RoutingStats:
-    """What one routing call reports (one call per block that runs the MoE)."""
-
-    l_aux: Tensor  # load-balance loss of this call (scalar, differentiable)
-    expert_counts: Tensor  # (E,) routes each expert received, before capacity
-    dropped_fraction: Tensor  # share of routes dropped by the capacity limit (scalar)
-
-
-class MoEFeedForward(nn.Module):
-    """DeepSpeed's MoE layer (experts, expert parallelism, checkpoint layout) with WideNet's gate,
-    and the fast subclasses of its MOELayer and Experts (``moe.impl``)."""
-
-    def __init__(self, config: WideNetConfig, settings: MoESettings):
-        super().__init__()
-        self.moe = MoE(config.hidden_size, FeedForward(config), num_experts=config.num_experts,
-                       ep_size=settings.ep_size, k=config.top_k, min_capacity=settings.min_capacity,
-                       capacity_factor=settings.capacity_factor,
-                       eval_capacity_factor=settings.eval_capacity_factor,
-                       drop_tokens=settings.drop_tokens, use_rts=False, use_tutel=False,
-                       top2_2nd_expert_sampling=False)
-        self.moe.deepspeed_moe.gate = WideNetGate(
-            config.hidden_size, config.num_experts, config.top_k, settings.capacity_factor,
-            settings.eval_capacity_factor, settings.min_capacity, settings.drop_tokens,
-            noise=config.router_noise, noise_std=config.noise_std, normalize=config.router_normalize_top_k)
-        self.moe.deepspeed_moe.experts = BatchedExperts(self.moe.deepspeed_moe.experts)
-        self.moe.deepspeed_moe = GatherMOELayer(self.moe.deepspeed_moe)
-        self.use_impl(settings.impl)
-
-    @property
-    def gate(self) -> WideNetGate:
-        return self.moe.deepspeed_moe.gate
-
-    @property
-    def experts(self) -> BatchedExperts:
-        return self.moe.deepspeed_moe.experts
-
-    def use_impl(self, impl: str) -> None:
-        """'batched' (sync-free router, gather dispatch/combine, batched experts; widenet_ds/modeling/
-        fast_moe.py), 'grouped' (the same, with the kept routes packed into grouped matmuls; with expert
-        parallelism the filled slots each rank received) or 'deepspeed' (the reference router in DeepSpeed's MOELayer and expert loop).
-        All compute the same function of the same parameters."""
-        fast = impl in ("batched", "grouped")
-        self.gate.fast_routing = self.moe.deepspeed_moe.fast = self.experts.batched = fast
-        self.moe.deepspeed_moe.grouped = impl == "grouped"
-
-    def apply_settings(self, settings: MoESettings) -> None:
-        """Change capacity, dropping, impl and lambda at run time (ep_size is fixed at build time)."""
-        assert settings.ep_size == self.moe.ep_size, "ep_size is fixed when the model is built"
-        for name in ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens"):
-            setattr(self.gate, name, getattr(settings, name))
-        self.use_impl(settings.impl)
-
-    def forward(self, x_BTH: Tensor, token_mask_BT: Tensor | None) -> tuple[Tensor, RoutingStats]:
-        used_S = None if token_mask_BT is None else token_mask_BT.reshape(-1)
-        y_BTH, l_aux, counts_2E = self.moe(x_BTH, used_S)
-        routed, kept = counts_2E[0], counts_2E[1]
-        dropped = 1.0 - kept.sum().float() / routed.sum().clamp(min=1).float()
-        return y_BTH, RoutingStats(l_aux, routed, dropped)
-
-
 class Block(nn.Module):
     """One block: its own LayerNorm pair around the (possibly shared) attention and FFN/MoE."""
 
@@ -184,8 +118,9 @@ class Encoder(nn.Module):
         moe_every = getattr(config, "moe_every", 1)  # a vision config may put the MoE in every k-th block only
 
         def make_ffn(i: int) -> nn.Module:
-            is_moe = config.num_experts > 1 and (i + 1) % moe_every == 0
-            return MoEFeedForward(config, settings) if is_moe else FeedForward(config)
+            if config.num_experts > 1 and (i + 1) % moe_every == 0:  # every expert starts from one FFN's weights
+                return MoEFeedForward(config, settings, FeedForward(config))
+            return FeedForward(config)
 
         self.attention = nn.ModuleList(Attention(config) for _ in range(1 if config.share_attention else n))
         self.ffn = nn.ModuleList(make_ffn(i) for i in range(1 if config.share_ffn else n))

@@ -1,15 +1,14 @@
 """Hugging Face model classes: encoder, pretraining (MLM + SOP), MLM, sequence classification and
 extractive question answering (start/end logits).
 
-Every output carries the main loss, the MoE aux loss ``lambda / T * sum_t l_aux_t`` (T the
-routing calls of the forward), and per-call expert counts and dropped-token fractions.
+Every output carries the main loss, the MoE aux loss (lambda times the mean of ``l_aux`` over
+the forward's routing calls), and per-call expert counts and dropped-token fractions.
 ``loss`` is main + aux, the value to backpropagate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,21 +17,12 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..config import MoESettings, WideNetConfig
-from .fast_moe import BatchedExperts, GatherMOELayer
-from .layers import (
-    ACTIVATION_FNS,
-    Attention,
-    Block,
-    Embeddings,
-    Encoder,
-    FeedForward,
-    MoEFeedForward,
-    RoutingStats,
-)
+from .layers import ACTIVATION_FNS, Embeddings, Encoder
+from .moe import MoEFeedForward, RoutingStats
 
 
 def combine_aux_loss(routing: list[RoutingStats], coef: float) -> Tensor | None:
-    """The one place the MoE load-balance losses become a loss: ``coef / T * sum_t l_aux_t``."""
+    """The one place the MoE load-balance losses become a loss: ``coef`` times their mean over the calls."""
     if not routing:
         return None
     return coef * torch.stack([r.l_aux for r in routing]).mean()
@@ -43,8 +33,8 @@ class WideNetModelOutput(ModelOutput):
     last_hidden_state: Tensor | None = None  # (B, T, H)
     pooler_output: Tensor | None = None  # (B, H) tanh(dense([CLS]))
     aux_loss: Tensor | None = None  # lambda / T * sum of per-call l_aux (None without MoE)
-    expert_counts: Tensor | None = None  # (T, E) routes per expert, per routing call
-    dropped_fraction: Tensor | None = None  # (T,) share of routes dropped, per routing call
+    expert_counts: Tensor | None = None  # (J, E) routes per expert, per routing call
+    dropped_fraction: Tensor | None = None  # (J,) share of routes dropped, per routing call
 
 
 @dataclass
@@ -314,102 +304,3 @@ class WideNetForQuestionAnswering(WideNetPreTrainedModel):
             loss=None if task_loss is None else _sum_losses(task_loss, out.aux_loss),
             task_loss=task_loss, aux_loss=out.aux_loss, start_logits=start_logits, end_logits=end_logits,
             expert_counts=out.expert_counts, dropped_fraction=out.dropped_fraction)
-
-
-COMPILE_SCOPES = ("model", "blocks", "parts")
-
-
-def compile_settings(variant: str) -> tuple[str, dict[str, Any]]:
-    """``'scope[:setting...]'`` -> ``(scope, torch.compile keywords)``; ``'none'`` -> ``('none', {})``.
-
-    A setting is a ``torch.compile`` mode (``torch._inductor.list_mode_options()``, e.g.
-    ``reduce-overhead``: CUDA graphs) or an Inductor option ``name[=value]`` (``torch._inductor.config``,
-    e.g. ``combo_kernels``; a bare name means True). Examples: ``model``, ``model:reduce-overhead``,
-    ``model:max-autotune-no-cudagraphs:combo_kernels``. Raises ``ValueError`` naming every unknown piece.
-    """
-    from torch._inductor import config as inductor_config
-    from torch._inductor import list_mode_options
-
-    scope, *settings = variant.split(":")
-    if scope == "none" and not settings:
-        return scope, {}
-    problems = [] if scope in COMPILE_SCOPES else [f"scope {scope!r}: choose one of {', '.join(COMPILE_SCOPES)}"]
-    modes, options = [], {}
-    for setting in settings:
-        name, _, value = setting.partition("=")
-        if setting in list_mode_options():
-            modes.append(setting)
-        elif _has_option(inductor_config, name):
-            options[name] = _option_value(value)
-        else:
-            problems.append(f"{setting!r} is neither a torch.compile mode ({', '.join(list_mode_options())}) "
-                            "nor an Inductor option (torch._inductor.config)")
-    if len(modes) > 1:
-        problems.append(f"one mode at most, got {', '.join(modes)}")
-    if problems:
-        raise ValueError(f"compile setting {variant!r}: " + "; ".join(problems))
-    if not options:
-        return scope, {"mode": modes[0]} if modes else {}
-    # torch.compile takes a mode or options, not both: the mode's options, then the ones given
-    return scope, {"options": {**(list_mode_options(modes[0]) if modes else {}), **options}}
-
-
-def uses_cuda_graphs(variant: str) -> bool:
-    """Whether a ``compile_settings`` variant records CUDA graphs (``reduce-overhead``, ``max-autotune``,
-    ``triton.cudagraphs``)."""
-    from torch._inductor import list_mode_options
-
-    _, kwargs = compile_settings(variant)
-    options = list_mode_options(kwargs["mode"]) if "mode" in kwargs else kwargs.get("options", {})
-    return bool(options.get("triton.cudagraphs", False))
-
-
-def _has_option(config, dotted: str) -> bool:
-    head, _, rest = dotted.partition(".")
-    if not head or not hasattr(config, head):
-        return False
-    return not rest or _has_option(getattr(config, head), rest)
-
-
-def _option_value(text: str) -> Any:
-    """'' and 'True' -> True, 'False' -> False, integers and floats as numbers, else the text."""
-    if text in ("", "True", "False"):
-        return text != "False"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def compile_model(model: nn.Module, scope: str = "model", **options) -> nn.Module:
-    """``torch.compile`` (with ``options``) a WideNet model or encoder in place; returns it.
-
-    ``scope`` may carry settings (``'model:reduce-overhead'``, see ``compile_settings``); ``options``
-    are further ``torch.compile`` keywords. Scopes, largest first (all keep parameter and state-dict names):
-
-    - ``model``: ``model`` as one graph (forward and backward each one compiled region; the fewest
-      host operations per step). With expert parallelism the graph breaks where the ranks agree
-      on the capacity (a host value), once per MoE call; the all-to-alls compile.
-    - ``blocks``: every ``Block`` call (LayerNorms, shared attention, MoE or FFN, residuals) as
-      one graph; the embeddings and the MLM head on their own.
-    - ``parts``: embeddings, attention, dense FFNs, the MLM head and the MoE layer separately;
-      with expert parallelism the MoE layer stays eager and only its batched experts compile.
-
-    Compiled router noise and dropout draw other random numbers than eager (same distributions).
-    """
-    if scope.split(":")[0] not in COMPILE_SCOPES:
-        raise ValueError(f"compile scope {scope!r}: choose one of {', '.join(COMPILE_SCOPES)}")
-    scope, settings = compile_settings(scope)
-    options = {**settings, **options}
-    if scope == "model":
-        model.compile(**options)
-        return model
-    kinds = (Block, Embeddings, MLMHead) if scope == "blocks" else (Embeddings, Attention, FeedForward,
-                                                                     BatchedExperts, MLMHead)
-    for module in model.modules():
-        if isinstance(module, kinds) or scope == "parts" and isinstance(module, GatherMOELayer) \
-                and module.ep_size == 1:
-            module.compile(**options)
-    return model
