@@ -525,3 +525,41 @@ def test_expert_parallel_benchmark_runs_on_two_cpu_ranks(tmp_path):
         assert 0 < record["kept_routes_per_token"] <= 2
     assert records["init"]["loss_first_last"][0] > records["fresh"]["loss_first_last"][0] + 30
     assert records["init"]["init"] == str(tmp_path / "export") and records["fresh"]["init"] is None
+
+
+@pytest.mark.parametrize("impl", ["batched", "grouped"])
+def test_the_experts_train_under_autocast_with_fp32_weights(impl):
+    """Mixed precision as ``torch.autocast`` gives it (fp32 weights, bf16 matmuls), the way a plain
+    PyTorch loop such as the image benchmark trains: a whole step runs, every gradient comes back fp32
+    and finite, and the loss is the fp32 step's up to bf16 rounding (bf16 may flip near-tied routes,
+    so gradients are compared op by op in the next test)."""
+    model, _ = _models(impl=impl)
+    batch = _batch(model.config)
+    loss_32 = _run(model, batch, train=False)[0].loss
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.float(), loss_32.float(), atol=5e-2, rtol=2e-2)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_expert_matmuls_under_autocast_match_autocast_of_the_plain_ops():
+    """Under ``torch.autocast`` the experts' custom matmuls give what autocast gives the same plain ops
+    (bf16 operands, fp32 accumulate), forward and every gradient, each gradient in its input's dtype."""
+    from widenet_ds.modeling.experts import _ExpertLinear
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g, requires_grad=True) for shape in ((3, 5, 8), (3, 6, 8), (3, 6)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        custom = _ExpertLinear.apply(x, w, b)
+        plain = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    assert custom.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(custom, plain)
+    grad_out = torch.randn(custom.shape, generator=g).bfloat16()
+    custom_grads = torch.autograd.grad(custom, (x, w, b), grad_out)
+    plain_grads = torch.autograd.grad(plain, (x, w, b), grad_out)
+    for got, want, param in zip(custom_grads, plain_grads, (x, w, b)):
+        assert got.dtype == param.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

@@ -18,6 +18,8 @@ changes is how they run:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,18 +27,40 @@ from torch import Tensor, nn
 from .deepspeed_moe import Experts
 from .fused_act import bias_act, fused_bias_act_runs
 
+def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The operands of an expert matmul in the dtype autocast would give it (a custom autograd Function
+    is not autocast itself): under ``torch.autocast`` (e.g. bf16 activations with fp32 weights) every
+    operand in autocast's dtype, otherwise unchanged. The backward then computes in that dtype and
+    autograd returns each gradient in its input's dtype."""
+    device_type = tensors[0].device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def _no_autocast(x: Tensor):
+    """Autocast off for the matmul whose operands ``_autocast_operands`` already cast."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _ExpertLinear(torch.autograd.Function):
     """``x_LNi @ w_Loi^T + b_Lo`` for every local expert at once; the weight gradient comes back
     contiguous in the (o, i) layout of ``nn.Linear.weight``."""
 
     @staticmethod
     def forward(ctx, x_LNi: Tensor, w_Loi: Tensor, b_Lo: Tensor) -> Tensor:
+        x_LNi, w_Loi, b_Lo = _autocast_operands(x_LNi, w_Loi, b_Lo)
         ctx.save_for_backward(x_LNi, w_Loi)
-        return torch.baddbmm(b_Lo.unsqueeze(1), x_LNi, w_Loi.transpose(1, 2))
+        with _no_autocast(x_LNi):
+            return torch.baddbmm(b_Lo.unsqueeze(1), x_LNi, w_Loi.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad_LNo: Tensor):
         x_LNi, w_Loi = ctx.saved_tensors
+        grad_LNo = grad_LNo.to(x_LNi.dtype)
         grad_x = torch.bmm(grad_LNo, w_Loi) if ctx.needs_input_grad[0] else None
         grad_w = torch.bmm(grad_LNo.transpose(1, 2), x_LNi) if ctx.needs_input_grad[1] else None
         grad_b = grad_LNo.sum(1) if ctx.needs_input_grad[2] else None
@@ -146,12 +170,15 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_XI: Tensor, w_EOI: Tensor, end_E: Tensor) -> Tensor:
+        x_XI, w_EOI = _autocast_operands(x_XI, w_EOI)
         ctx.save_for_backward(x_XI, w_EOI, end_E)
-        return torch._grouped_mm(x_XI, w_EOI.transpose(1, 2).contiguous(), offs=end_E)
+        with _no_autocast(x_XI):
+            return torch._grouped_mm(x_XI, w_EOI.transpose(1, 2).contiguous(), offs=end_E)
 
     @staticmethod
     def backward(ctx, grad_XO: Tensor):
         x_XI, w_EOI, end_E = ctx.saved_tensors
+        grad_XO = grad_XO.to(x_XI.dtype)
         grad_x = torch._grouped_mm(grad_XO, w_EOI.contiguous(), offs=end_E) if ctx.needs_input_grad[0] else None
         grad_w = grouped_weight_grad(grad_XO, x_XI, end_E) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
