@@ -76,17 +76,40 @@ def test_without_ninja_the_run_is_refused_with_what_to_install(empty_cache, monk
         prepare_communication_op()
 
 
-@pytest.mark.slow
-def test_the_job_refuses_in_one_message_before_writing_anything(tmp_path):
-    """End to end: the pretraining entry point without a compiler exits 1 with one error line."""
+def _pretrain_without_a_compiler(tmp_path: Path,
+                                 blocked: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:
+    """The pretraining entry point with CXX pointing nowhere; ``blocked``: packages made unimportable (a
+    folder of stand-ins first on PYTHONPATH), as in an environment that does not have them."""
+    stand_ins = tmp_path / "not_installed"
+    for name in blocked:
+        (stand_ins / name).mkdir(parents=True)
+        (stand_ins / name / "__init__.py").write_text(f'raise ModuleNotFoundError("No module named {name}", '
+                                                      f'name="{name}")\n')
     env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"),
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+           "PYTHONPATH": os.pathsep.join([str(stand_ins), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     env.pop("WIDENET_DS_DEBUG", None)
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--preset", "debug",
                            "--output_dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return done, out
+
+
+def _assert_refused_in_one_line(done: subprocess.CompletedProcess, out: Path) -> None:
     assert done.returncode == 1, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "install g++" in errors[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr and COMPILING_NOTICE not in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_job_refuses_in_one_message_before_writing_anything(tmp_path):
+    """End to end: the pretraining entry point without a compiler exits 1 with one error line."""
+    _assert_refused_in_one_line(*_pretrain_without_a_compiler(tmp_path))
+
+
+@pytest.mark.slow
+def test_the_refusal_needs_no_package_of_another_job(tmp_path):
+    """Pillow (the image job's) and matplotlib (reports') are not installed with the package: the
+    pretraining job's refusal is the same one line without them."""
+    _assert_refused_in_one_line(*_pretrain_without_a_compiler(tmp_path, blocked=("PIL", "matplotlib")))

@@ -5,6 +5,7 @@ how a stop signal or a NaN loss ends it."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 from types import SimpleNamespace
@@ -159,3 +160,23 @@ def test_a_nan_loss_stops_the_loop_before_its_optimizer_step_and_any_save():
     with pytest.raises(NonFiniteLossError, match="at step 3"):
         loop.run({"step": 0})
     assert saved == [1, 2] and engine.steps == 2
+
+
+def test_a_loop_counts_what_its_count_says_and_logs_every_number_of_an_evaluation(caplog):
+    """An image job counts images (here: rows) instead of real tokens; the evaluation's log line shows
+    its floats (rounded) and integers, not its per-block lists."""
+
+    class RowCountingLoop(TrainingLoop):
+        def count(self, batch):
+            return len(batch["input_ids"])
+
+    logger = logging.getLogger("test_loop.job")
+    loop = RowCountingLoop(FakeEngine(itertools.count(1)), _batches(), Schedule(max_steps=3, log_every=3,
+                                                                                  eval_every=3),
+                           grad_accum=1, metrics=FakeMetrics(), guard=NonFiniteGuard(), logger=logger,
+                           evaluate=lambda step: {"top1": 0.512345, "images": 9, "per_block": [0.1, 0.2]})
+    state = {"step": 0}
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        records = loop.run(state)
+    assert state["tokens"] == 3 * 2 and records[0]["tokens"] == 3 * 2  # 2 rows a batch, not 6 real tokens
+    assert "step 3: {'top1': 0.5123, 'images': 9}" in caplog.text

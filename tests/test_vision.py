@@ -275,6 +275,9 @@ def test_job_learns_resumes_exactly_and_exports(tmp_path):
     evals = _records(full, "eval")
     assert [e["step"] for e in evals] == [16, 24]
     assert evals[-1]["eval_images"] == 24 and evals[-1]["eval_top1"] > 0.6  # chance is 1/3
+    train = _records(full)
+    assert [r["step"] for r in train] == list(range(1, 25)) and all("tokens_per_s" not in r for r in train)
+    assert all(r["images_per_s"] > 0 for r in train) and train[-1]["tokens"] == 24 * 8  # images: 24 steps of 8
 
     # a run cut at step 8 continues as the uninterrupted one: same losses, step for step
     run(common + ["--output_dir", str(resumed), "--max_steps", "24", "--resume",

@@ -15,23 +15,31 @@ from typing import Any
 DEBUG_VARIABLE = "WIDENET_DS_DEBUG"
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that report a user's mistake (each message says what to fix)."""
-    from ..analysis.errors import ReportError
-    from ..config import ConfigError
-    from ..data import CacheError, CorpusError, TokenizerError
-    from ..data.images import ImageDataError
-    from ..distributed import MissingBuildToolError, RankZeroError
-    from ..engine.checkpointing import CheckpointError
-    from ..engine.guards import NonFiniteLossError
-    from ..glue import GlueDataError
-    from ..safe_io import UnsafeFileError
-    from ..squad import SquadDataError
-    from .run_dir import OutputDirError
+_PACKAGE = __name__.split(".")[0]
 
-    return (ConfigError, CheckpointError, CorpusError, TokenizerError, CacheError, GlueDataError, OutputDirError,
-            UnsafeFileError, NonFiniteLossError, RankZeroError, SquadDataError, ReportError, ImageDataError,
-            MissingBuildToolError)
+# Each exception type that reports a user's mistake: (module, class); each message says what to fix.
+USER_ERRORS = (
+    ("config", "ConfigError"), ("engine.checkpointing", "CheckpointError"), ("data.corpus", "CorpusError"),
+    ("data.tokenizer", "TokenizerError"), ("data.dataset", "CacheError"), ("glue.tasks", "GlueDataError"),
+    ("jobs.run_dir", "OutputDirError"), ("safe_io", "UnsafeFileError"), ("engine.guards", "NonFiniteLossError"),
+    ("distributed", "RankZeroError"), ("squad.data", "SquadDataError"), ("analysis.errors", "ReportError"),
+    ("data.images", "ImageDataError"), ("distributed", "MissingBuildToolError"),
+)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The user-error types of the modules imported so far.
+
+    An exception can only have been raised once its type's module ran, so the others cannot be the
+    one being reported. Importing them here instead would load every job's dependencies (datasets,
+    scikit-learn, Pillow for the image job, ...) on the way to printing one line, and a missing
+    optional package would turn the message into an ImportError traceback."""
+    found = []
+    for module, name in USER_ERRORS:
+        loaded = sys.modules.get(f"{_PACKAGE}.{module}")
+        if loaded is not None:
+            found.append(getattr(loaded, name))
+    return tuple(found)
 
 
 def main(entry: Callable[[], Any]) -> Any:

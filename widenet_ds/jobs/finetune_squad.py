@@ -15,8 +15,9 @@ official ``HasAns_*``, ``NoAns_*``, ``best_exact``, ``best_f1`` and their thresh
 ``best/`` (a Hugging Face folder of ``WideNetForQuestionAnswering`` with the tokenizer),
 ``metrics.jsonl`` / ``tensorboard/`` and the resolved configs with the git hash.
 
-The GLUE job's pieces are reused (tokenizer, run length, expert gathering, the train step);
-what is SQuAD's own is the data, the span head, the decoding and the evaluation.
+The GLUE job's pieces are reused (tokenizer, run length, expert gathering), and the shared
+``TrainingLoop`` runs the steps; what is SQuAD's own is the data, the span head, the decoding and
+the evaluation.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from .args import (
     positive_float,
 )
 from .finetune import COMPILED_PAD_MULTIPLE, _rank_world, gather_full_weights, load_tokenizer, resolve_run
-from .loop import MetricWindow, StepProfiler, train_step
+from .loop import Schedule, StepProfiler, TrainingLoop
 from .metrics import MetricsWriter, start_run_log
 from .run_dir import REPO_ROOT, OutputDirLock, claim_output_dir, mark_finished, write_run_record
 
@@ -318,31 +319,21 @@ def squad_metrics(version: str, golds: dict[str, list[str]], predictions: dict[s
 
 def fit(job: Job) -> dict[str, Any]:
     """Train for ``max_steps``, evaluating every ``--eval_every`` steps and at the end; returns the best."""
-    from tqdm.auto import tqdm
+    args, outputs = job.args, {}
 
-    args, engine = job.args, job.engine
-    world = _rank_world()[1]
-    batches, window = train_batches(job), MetricWindow()
-    guard = NonFiniteGuard(**job.run.nonfinite_loss)
-    profiler = StepProfiler(args.profile, job.output_dir / "profile")
-    bar = tqdm(total=job.max_steps, disable=not is_main_process(), desc=f"finetune squad v{args.version}")
-    engine.train()
-    for step in range(1, job.max_steps + 1):
-        profiler.begin(step)
-        train_step(engine, batches, job.run.grad_accum, window, guard, step)
-        profiler.end(step)
-        bar.update(1)
-        if step % args.log_every == 0 or step == job.max_steps:
-            record = window.record(step, engine.get_lr()[0], world)
-            job.metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
-            window.reset()
-        if (args.eval_every and step % args.eval_every == 0) or step == job.max_steps:
-            metrics, outputs = evaluate(job)
-            job.metrics.write({"step": step, **metrics}, prefix="eval")
-            log.info("step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
-            keep_if_best(job, step, metrics, outputs)
-    bar.close()
+    def evaluate_dev(step: int) -> dict[str, float]:
+        metrics, outputs[step] = evaluate(job)
+        return metrics
+
+    schedule = Schedule(max_steps=job.max_steps, log_every=args.log_every, eval_every=args.eval_every,
+                        eval_at_end=True)
+    loop = TrainingLoop(job.engine, train_batches(job), schedule, grad_accum=job.run.grad_accum,
+                        metrics=job.metrics, guard=NonFiniteGuard(**job.run.nonfinite_loss),
+                        profiler=StepProfiler(args.profile, job.output_dir / "profile"),
+                        description=f"finetune squad v{args.version}", evaluate=evaluate_dev,
+                        after_eval=lambda step, metrics: keep_if_best(job, step, metrics, outputs.pop(step)),
+                        logger=log)
+    loop.run({"step": 0})
     return job.best
 
 

@@ -92,20 +92,26 @@ class MetricWindow:
         return record
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The real (unpadded) tokens of a micro-batch, counted on the host before the copy: no GPU sync."""
+    return int(batch["attention_mask"].sum())
+
+
 def train_step(engine, batches, grad_accum: int, window: MetricWindow, guard: NonFiniteGuard, step: int,
-               stop_requested: bool = False) -> bool:
+               stop_requested: bool = False, count: Callable[[dict[str, torch.Tensor]], int] = real_tokens) -> bool:
     """One optimizer step: ``grad_accum`` forward/backward passes (DeepSpeed steps at the boundary).
 
     A NaN/inf loss on any rank stops the run before the optimizer step, or its batch is skipped before
     backward (``guard``; stopping reads the losses once per step, skipping once per micro-batch).
-    Returns whether any rank was asked to stop (``stop_requested``: a pre-emption signal), agreed by
-    every rank at this step."""
+    ``count(batch)`` is what a micro-batch adds to the window's ``tokens`` (its real tokens; an image
+    job counts images). Returns whether any rank was asked to stop (``stop_requested``: a pre-emption
+    signal), agreed by every rank at this step."""
     done, losses, stop = 0, [], False
     while done < grad_accum:
         start = time.perf_counter()
         batch = next(batches)
         window.data_wait += time.perf_counter() - start
-        tokens = int(batch["attention_mask"].sum())  # counted on the host, before the copy: no GPU sync
+        tokens = count(batch)
         out = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in batch.items()})
         if guard.checks_each_batch and guard.should_skip(out.loss, step):
             continue
@@ -209,6 +215,11 @@ class _NoStopSignals:
         return None
 
 
+def _is_number(value: Any) -> bool:
+    """A metric the evaluation log line shows (per-block lists stay in ``metrics.jsonl`` only)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 # Progress-bar fields: record key -> (label, format)
 _BAR_FIELDS = {"loss": ("loss", "{:.3f}"), "lr": ("lr", "{:.2e}"), "tokens_per_s": ("tok_s", "{:.0f}")}
 
@@ -218,7 +229,7 @@ class TrainingLoop:
 
     Each step runs ``grad_accum`` micro-batches from ``batches`` through ``train_step`` (the
     ``guard`` decides what a NaN/inf loss does) and counts it in ``state`` (``"step"``, and
-    ``"tokens"``: this rank's real tokens), so a job's checkpoint saves the loop's position and a
+    ``"tokens"``: this rank's real tokens, or what ``count`` counts), so a job's checkpoint saves the loop's position and a
     resumed job continues from it. Around the steps: ``profiler`` (``StepProfiler``), a progress
     bar on rank 0 (log lines, DeepSpeed's included, print above it: ``widenet_ds.jobs.console``),
     a ``metrics`` record of the ``window`` every ``schedule.log_every`` steps, and an evaluation
@@ -230,8 +241,8 @@ class TrainingLoop:
     Extension points, each a keyword argument (None: the loop skips it):
 
     - ``evaluate(step) -> dict[str, float]``: the job's evaluation; the loop writes it to
-      ``metrics.jsonl`` (prefix ``eval``) and logs ``step N: {...}`` with the job's ``logger``,
-      on a line of its own above the progress bar.
+      ``metrics.jsonl`` (prefix ``eval``) and logs ``step N: {...}`` (its numbers, rounded) with
+      the job's ``logger``, on a line of its own above the progress bar.
     - ``after_eval(step, metrics)``: what the job does with an evaluation (keep the best model,
       collect statistics), after it was recorded.
     - ``save(step)``: write a checkpoint at the schedule's save steps.
@@ -239,8 +250,9 @@ class TrainingLoop:
     - ``finish()``: after the last step, while stop signals are still handled (wait for a
       checkpoint written in the background).
 
-    For more, subclass and override ``make_record`` (the fields of a metrics record) or
-    ``run_step`` (what one optimizer step is). ``run`` returns the metrics records written.
+    For more, subclass and override ``count`` (what a micro-batch adds to ``tokens``: an image
+    job counts images), ``make_record`` (the fields of a metrics record) or ``run_step`` (what one
+    optimizer step is). ``run`` returns the metrics records written.
     ``metrics`` is anything with ``write(record, prefix="train")`` (``MetricsWriter``). A job's
     ``fit`` is then a few lines (``widenet_ds.jobs.finetune.fit``)::
 
@@ -311,10 +323,14 @@ class TrainingLoop:
         if self.profiler is not None:
             self.profiler.begin(step)
         stop = train_step(self.engine, self.batches, self.grad_accum, self.window, self.guard, step,
-                          stop_requested=stop_requested)
+                          stop_requested=stop_requested, count=self.count)
         if self.profiler is not None:
             self.profiler.end(step)
         return stop
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What a micro-batch adds to the window's and the state's ``tokens``: its real tokens."""
+        return real_tokens(batch)
 
     def make_record(self, step: int) -> dict[str, Any]:
         """The metrics record of the window that ends at ``step`` (means over the window and the ranks)."""
@@ -334,7 +350,7 @@ class TrainingLoop:
         """Evaluate, record the result in the metrics and the log, hand it to ``after_eval``."""
         result = self.evaluate(step)
         self.metrics.write({"step": step, **result}, prefix="eval")
-        self.log.info("step %d: %s", step, {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
+        self.log.info("step %d: %s", step, {k: round(v, 4) for k, v in result.items() if _is_number(v)})
         if self.after_eval is not None:
             self.after_eval(step, result)
         return result

@@ -6,8 +6,9 @@ with mixup / cutmix and label smoothing, evaluates top-1 / top-5 on the validati
 checkpoints (``--resume auto`` continues exactly); ``export_final`` writes ``final/``: a Hugging Face
 folder (safetensors) with the image processor beside the model. ``launch/train_vit.py`` only calls ``run``.
 
-The loop is this module's own (images, soft targets); it uses the shared pieces of ``jobs`` (the metric
-window, the non-finite guard, stop signals, the output folder and run record).
+The shared ``TrainingLoop`` runs the steps (metrics window, non-finite guard, stop signals, the evaluation
+and checkpoint cadence), counting images where a text job counts tokens; what is this module's own is the
+data (augmented, mixed into soft targets), the evaluation and the checkpoint's contents.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,8 @@ from .args import (
     at_least,
     parse_overrides,
 )
-from .loop import MetricWindow
+from .loop import Schedule, TrainingLoop
 from .metrics import MetricsWriter, start_run_log
-from .preemption import StopSignals
 from .run_dir import REPO_ROOT, OutputDirLock, claim_output_dir, write_run_record
 
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "vit_cpu_smoke.json"
@@ -271,28 +270,6 @@ def mixed_batches(job: Job):
         yield {"pixel_values": images, "labels": targets}
 
 
-def train_step(job: Job, batches, window: MetricWindow, guard: NonFiniteGuard, stop_requested: bool) -> bool:
-    """One optimizer step over ``grad_accum`` micro-batches (the shape of ``jobs.loop.train_step``, counting
-    images); returns whether any rank asked to stop."""
-    engine, step, done, losses, stop = job.engine, job.state["step"] + 1, 0, [], False
-    while done < job.run.grad_accum:
-        start = time.perf_counter()
-        batch = next(batches)
-        window.data_wait += time.perf_counter() - start
-        out = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in batch.items()})
-        if guard.checks_each_batch and guard.should_skip(out.loss, step):
-            continue
-        engine.backward(out.loss)
-        if not guard.checks_each_batch:
-            losses.append(out.loss.detach().clone())
-            if done == job.run.grad_accum - 1:
-                stop = guard.check_step(losses, step, stop_requested)
-        engine.step()
-        window.add(out, len(batch["pixel_values"]))
-        done += 1
-    return guard.any_rank(stop_requested, engine.device) if guard.checks_each_batch else stop
-
-
 def evaluate(job: Job) -> dict[str, float]:
     """Top-1 / top-5 accuracy and cross-entropy over the validation split (or its first ``--eval_images``).
     Sums stay on the device; one all-reduce at the end."""
@@ -319,53 +296,41 @@ def evaluate(job: Job) -> dict[str, float]:
 
 
 def _save(job: Job) -> None:
-    # a copy: the marker is written on a thread while the next steps change job.state
-    checkpointing.save_checkpoint(job.engine, job.output_dir / "checkpoints", job.state["step"], dict(job.state),
+    # what resume needs, as a copy: the marker is written on a thread while the next steps change job.state
+    state = {"step": job.state["step"], "batches": job.state["batches"]}
+    checkpointing.save_checkpoint(job.engine, job.output_dir / "checkpoints", job.state["step"], state,
                                   job.config, {**job.run.to_dict(), "augmentation": vars(job.augment)},
                                   keep_last=job.args.keep_last)
 
 
-def _log_record(job: Job, window: MetricWindow, world: int) -> dict[str, Any]:
-    record = window.record(job.state["step"], job.engine.get_lr()[0], world)
-    record["images_per_s"] = record.pop("tokens_per_s")
-    job.metrics.write(record)
-    window.reset()
-    return record
+class ImageTrainingLoop(TrainingLoop):
+    """The shared loop counting images: a record's ``tokens`` are the images seen, its rate ``images_per_s``."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["pixel_values"])
+
+    def make_record(self, step: int) -> dict[str, Any]:
+        record = super().make_record(step)
+        record["images_per_s"] = record.pop("tokens_per_s")
+        return record
 
 
 def fit(job: Job) -> list[dict[str, Any]]:
     """Train to the run's length or until a stop signal (then save and return); returns the logged records."""
-    from tqdm.auto import tqdm
-
-    args, (_, world) = job.args, _rank_world()
-    batches, window, records = mixed_batches(job), MetricWindow(), []
-    guard = NonFiniteGuard(**job.run.nonfinite_loss)
-    bar = tqdm(total=job.max_steps, initial=job.state["step"], disable=not is_main_process(), desc="train_vit")
-    job.engine.train()
-    with StopSignals(args.preempt_grace) as signals:
-        while job.state["step"] < job.max_steps:
-            stop = train_step(job, batches, window, guard, signals.requested)
-            job.state["step"] += 1
-            step, last = job.state["step"], job.state["step"] == job.max_steps
-            bar.update(1)
-            if step % args.log_every == 0 or last or stop:
-                records.append(_log_record(job, window, world))
-                bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", lr=f"{records[-1]['lr']:.2e}")
-            if stop:
-                _stop(job, signals.name or "a stop signal on another rank")
-                break
-            if (args.eval_every and step % args.eval_every == 0) or last:
-                result = {"step": step, **evaluate(job)}
-                job.metrics.write(result, prefix="eval")
-                log.info("step %d: %s", step, {k: round(v, 4) for k, v in result.items() if k != "step"})
-            if args.save_every and (step % args.save_every == 0 or last):
-                _save(job)
-        checkpointing.wait_for_pending_save()
-    bar.close()
-    return records
+    args = job.args
+    schedule = Schedule(max_steps=job.max_steps, log_every=args.log_every, eval_every=args.eval_every,
+                        save_every=args.save_every, eval_at_end=True)
+    loop = ImageTrainingLoop(job.engine, mixed_batches(job), schedule, grad_accum=job.run.grad_accum,
+                             metrics=job.metrics, guard=NonFiniteGuard(**job.run.nonfinite_loss),
+                             description="train_vit", preempt_grace=args.preempt_grace,
+                             evaluate=lambda step: evaluate(job), save=lambda step: _save(job),
+                             on_stop=lambda step, cause: _stop(job, cause),
+                             finish=checkpointing.wait_for_pending_save, logger=log)
+    return loop.run(job.state)
 
 
 def _stop(job: Job, cause: str) -> None:
+    """Save a checkpoint at this step (every rank) and record why the run stopped early."""
     _save(job)
     checkpointing.wait_for_pending_save()
     job.stopped_by = cause
