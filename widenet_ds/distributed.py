@@ -226,7 +226,7 @@ def close_distributed(barrier: bool = True) -> None:
 
 
 @contextmanager
-def distributed_session() -> Iterator[None]:
+def distributed_run() -> Iterator[None]:
     """Close the process group when a job ends: with a barrier on success, without on an error."""
     try:
         yield

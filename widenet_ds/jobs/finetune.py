@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, WideNetConfig
 from ..distributed import (
-    distributed_session,
+    distributed_run,
     init_distributed,
     is_main_process,
     on_rank_zero,
@@ -462,5 +462,5 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """The whole job from the command line: parse, fine-tune, close."""
     args = build_parser().parse_args(argv)
-    with distributed_session():
+    with distributed_run():
         return finetune(args)

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, WideNetConfig
-from ..distributed import distributed_session, init_distributed, is_main_process, on_rank_zero
+from ..distributed import distributed_run, init_distributed, is_main_process, on_rank_zero
 from ..engine.compile import check_cuda_graphs, compile_if_asked
 from ..engine.ds_config import RunConfig
 from ..engine.expert_sharding import expert_parallel_rank, to_local_experts
@@ -391,5 +391,5 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """The whole job from the command line: parse, fine-tune, close."""
     args = build_parser().parse_args(argv)
-    with distributed_session():
+    with distributed_run():
         return finetune(args)

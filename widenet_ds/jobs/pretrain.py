@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ..analysis.evaluation import evaluation_statistics
 from ..config import PRESETS, ConfigError, WideNetConfig
 from ..distributed import (
-    distributed_session,
+    distributed_run,
     init_distributed,
     is_main_process,
     on_rank_zero,
@@ -300,7 +300,7 @@ def export_final(job: Job) -> Path | None:
 def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """The whole job: setup, fit, export (unless stopped early), close."""
     args = build_parser().parse_args(argv)
-    with distributed_session():
+    with distributed_run():
         job = setup(args)
         try:
             records = fit(job)

@@ -36,7 +36,7 @@ from ..data.images import (
     load_image_folders,
     train_batches,
 )
-from ..distributed import distributed_session, init_distributed, is_main_process, on_rank_zero
+from ..distributed import distributed_run, init_distributed, is_main_process, on_rank_zero
 from ..engine import checkpointing
 from ..engine.ds_config import RunConfig, load_run_config
 from ..engine.guards import NonFiniteGuard
@@ -359,7 +359,7 @@ def export_final(job: Job) -> Path | None:
 def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """The whole job: setup, fit, export (unless stopped early), close."""
     args = build_parser().parse_args(argv)
-    with distributed_session():
+    with distributed_run():
         job = setup(args)
         try:
             records = fit(job)
