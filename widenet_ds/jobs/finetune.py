@@ -28,11 +28,12 @@ import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from ..config import ConfigError, WideNetConfig
 from ..distributed import (
@@ -297,54 +298,66 @@ def _rank_world() -> tuple[int, int]:
 COMPILED_PAD_MULTIPLE = 64  # a compiled model sees lengths 64, 128, ... only (one graph, one CUDA graph each)
 
 
-def batch_collator(job: Job):
+def batch_collator(job: Job, collate_fn: Callable = collate):
     """``collate`` for this job: to the longest example of a batch; a compiled model's batches to the next
     multiple of ``COMPILED_PAD_MULTIPLE`` (at most ``--max_seq_length``), so that it compiles, and records
     CUDA graphs, for a few lengths instead of one per length met."""
     compiled = job.args.compile != "none"
-    return partial(collate, pad_token_id=job.tokenizer.pad_token_id,
+    return partial(collate_fn, pad_token_id=job.tokenizer.pad_token_id,
                    pad_to_multiple_of=COMPILED_PAD_MULTIPLE if compiled else None, max_length=job.args.max_seq_length)
 
 
-def train_batches(job: Job):
+def train_batches(job: Job, collate_fn: Callable = collate):
     """Endless micro-batches of this rank's share of the train split, reshuffled every epoch."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     rank, world = _rank_world()
     sampler = DistributedSampler(job.features["train"], num_replicas=world, rank=rank, seed=job.args.seed)
     loader = DataLoader(job.features["train"], batch_size=job.run.micro_batch_size, sampler=sampler,
-                        collate_fn=batch_collator(job))
+                        collate_fn=batch_collator(job, collate_fn))
     for epoch in itertools.count():
         sampler.set_epoch(epoch)
         yield from loader
 
 
-def predict(job: Job, split: str) -> np.ndarray:
-    """(N, num_labels) logits of a split, the same on every rank.
+def predict_in_shares(job, features: list[dict[str, Any]], forward: Callable[[dict[str, Tensor], list[int]], list],
+                      collate_fn: Callable = collate) -> list:
+    """One value per feature, in order, the same on every rank: ``forward(batch, indices)`` gives one
+    value per row of a collated batch (on the engine's device, in eval mode, without gradients).
 
     Each rank predicts an equal share (padded by wrapping around), so with expert parallelism
     every rank runs the same number of forwards; the shares are gathered and put in order.
     """
-    features, engine = job.features[split], job.engine
+    engine = job.engine
     rank, world = _rank_world()
     positions = [i % len(features) for i in range(rank, math.ceil(len(features) / world) * world, world)]
     size = job.args.eval_batch_size or job.run.micro_batch_size
-    logits, collate_batch = [], batch_collator(job)
+    rows, collate_batch = [], batch_collator(job, collate_fn)
     engine.eval()
     with torch.no_grad():
         for chunk in (positions[i:i + size] for i in range(0, len(positions), size)):
             batch = collate_batch([features[i] for i in chunk])
-            batch.pop("labels", None)
-            logits.append(engine(**{k: v.to(engine.device) for k, v in batch.items()}).logits.float().cpu())
+            rows.extend(forward({k: v.to(engine.device) for k, v in batch.items()}, chunk))
     engine.train()
-    shares = [(positions, torch.cat(logits).numpy())]
+    shares = [(positions, rows)]
     if world > 1:
         mine, shares = shares[0], [None] * world
         dist.all_gather_object(shares, mine)
-    out = np.zeros((len(features), job.task.num_labels))
+    ordered: list[Any] = [None] * len(features)
     for where, values in shares:
-        out[where] = values
-    return out
+        for i, value in zip(where, values):
+            ordered[i] = value
+    return ordered
+
+
+def predict(job: Job, split: str) -> np.ndarray:
+    """(N, num_labels) logits of a split, the same on every rank."""
+
+    def logits(batch: dict[str, Tensor], indices: list[int]) -> list[np.ndarray]:
+        batch.pop("labels", None)
+        return list(job.engine(**batch).logits.float().cpu().numpy())
+
+    return np.stack(predict_in_shares(job, job.features[split], logits)).reshape(-1, job.task.num_labels)
 
 
 def evaluate(job: Job) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -359,19 +372,27 @@ def evaluate(job: Job) -> tuple[dict[str, float], dict[str, np.ndarray]]:
 
 def fit(job: Job) -> dict[str, Any]:
     """Train for ``max_steps``, evaluating every ``--eval_every`` steps and at the end; returns the best."""
-    args, logits = job.args, {}
+    return keep_best_over_training(job, evaluate, keep_if_best, f"finetune {job.task.name}")
+
+
+def keep_best_over_training(job, evaluate: Callable, keep_if_best: Callable, description: str,
+                            collate_fn: Callable = collate) -> dict[str, Any]:
+    """The fine-tuning loop of this job and the SQuAD job: ``max_steps`` steps of ``collate_fn``'s
+    batches, ``evaluate(job)`` -> (metrics, outputs) every ``--eval_every`` steps and at the end,
+    ``keep_if_best(job, step, metrics, outputs)`` after each; returns ``job.best``."""
+    args, outputs = job.args, {}
 
     def evaluate_dev(step: int) -> dict[str, float]:
-        metrics, logits[step] = evaluate(job)
+        metrics, outputs[step] = evaluate(job)
         return metrics
 
     schedule = Schedule(max_steps=job.max_steps, log_every=args.log_every, eval_every=args.eval_every,
                         eval_at_end=True)
-    loop = TrainingLoop(job.engine, train_batches(job), schedule, grad_accum=job.run.grad_accum,
+    loop = TrainingLoop(job.engine, train_batches(job, collate_fn), schedule, grad_accum=job.run.grad_accum,
                         metrics=job.metrics, guard=NonFiniteGuard(**job.run.nonfinite_loss),
                         profiler=StepProfiler(args.profile, job.output_dir / "profile"),
-                        description=f"finetune {job.task.name}", evaluate=evaluate_dev,
-                        after_eval=lambda step, metrics: keep_if_best(job, step, metrics, logits.pop(step)),
+                        description=description, evaluate=evaluate_dev,
+                        after_eval=lambda step, metrics: keep_if_best(job, step, metrics, outputs.pop(step)),
                         logger=log)
     loop.run({"step": 0})
     return job.best

@@ -25,25 +25,27 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import itertools
 import json
 import logging
-import math
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from ..config import ConfigError, WideNetConfig
-from ..distributed import distributed_run, init_distributed, is_main_process, on_rank_zero
+from ..distributed import (
+    distributed_run,
+    init_distributed,
+    is_main_process,
+    on_rank_zero,
+)
 from ..engine.compile import check_cuda_graphs, compile_if_asked
 from ..engine.ds_config import RunConfig
 from ..engine.expert_sharding import expert_parallel_rank, to_local_experts
-from ..engine.guards import NonFiniteGuard
 from ..modeling import WideNetForQuestionAnswering
 from ..safe_io import replace_folder
 from ..squad import (
@@ -70,10 +72,22 @@ from .args import (
     parse_overrides,
     positive_float,
 )
-from .finetune import COMPILED_PAD_MULTIPLE, _rank_world, gather_full_weights, load_tokenizer, resolve_run
-from .loop import Schedule, StepProfiler, TrainingLoop
+from .finetune import (
+    COMPILED_PAD_MULTIPLE,
+    gather_full_weights,
+    keep_best_over_training,
+    load_tokenizer,
+    predict_in_shares,
+    resolve_run,
+)
 from .metrics import MetricsWriter, start_run_log
-from .run_dir import REPO_ROOT, OutputDirLock, claim_output_dir, mark_finished, write_run_record
+from .run_dir import (
+    REPO_ROOT,
+    OutputDirLock,
+    claim_output_dir,
+    mark_finished,
+    write_run_record,
+)
 
 log = logging.getLogger(__name__)
 JOB = "finetune_squad"  # recorded in run.json: another job refuses this output folder
@@ -243,53 +257,17 @@ def _build(args: argparse.Namespace, run: RunConfig, max_steps: int, start: mode
 # --- training and evaluation -----------------------------------------------------------------
 
 
-def batch_collator(job: Job):
-    compiled = job.args.compile != "none"
-    return partial(collate, pad_token_id=job.tokenizer.pad_token_id,
-                   pad_to_multiple_of=COMPILED_PAD_MULTIPLE if compiled else None, max_length=job.args.max_seq_length)
-
-
-def train_batches(job: Job):
-    """Endless micro-batches of this rank's share of the train windows, reshuffled every epoch."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    rank, world = _rank_world()
-    sampler = DistributedSampler(job.features["train"], num_replicas=world, rank=rank, seed=job.args.seed)
-    loader = DataLoader(job.features["train"], batch_size=job.run.micro_batch_size, sampler=sampler,
-                        collate_fn=batch_collator(job))
-    for epoch in itertools.count():
-        sampler.set_epoch(epoch)
-        yield from loader
-
-
 def predict(job: Job) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Start and end logits of every dev window (each as long as the window), the same on every rank.
+    """Start and end logits of every dev window (each as long as the window), the same on every rank."""
+    features = job.features["dev"]
 
-    Each rank predicts an equal share (padded by wrapping around), so that with expert parallelism
-    every rank runs the same number of forwards; the shares are gathered and put in order."""
-    features, engine = job.features["dev"], job.engine
-    rank, world = _rank_world()
-    positions = [i % len(features) for i in range(rank, math.ceil(len(features) / world) * world, world)]
-    size = job.args.eval_batch_size or job.run.micro_batch_size
-    rows, collate_batch = [], batch_collator(job)
-    engine.eval()
-    with torch.no_grad():
-        for chunk in (positions[i:i + size] for i in range(0, len(positions), size)):
-            batch = collate_batch([features[i] for i in chunk])
-            out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-            starts, ends = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
-            for row, i in enumerate(chunk):
-                length = len(features[i]["input_ids"])
-                rows.append((starts[row, :length], ends[row, :length]))
-    engine.train()
-    shares = [(positions, rows)]
-    if world > 1:
-        mine, shares = shares[0], [None] * world
-        dist.all_gather_object(shares, mine)
-    ordered: list[Any] = [None] * len(features)
-    for where, values in shares:
-        for i, value in zip(where, values):
-            ordered[i] = value
+    def logits(batch: dict[str, Tensor], indices: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = job.engine(**batch)
+        starts, ends = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+        lengths = [len(features[i]["input_ids"]) for i in indices]
+        return [(starts[row, :n], ends[row, :n]) for row, n in enumerate(lengths)]
+
+    ordered = predict_in_shares(job, features, logits, collate)
     return [s for s, _ in ordered], [e for _, e in ordered]
 
 
@@ -319,22 +297,7 @@ def squad_metrics(version: str, golds: dict[str, list[str]], predictions: dict[s
 
 def fit(job: Job) -> dict[str, Any]:
     """Train for ``max_steps``, evaluating every ``--eval_every`` steps and at the end; returns the best."""
-    args, outputs = job.args, {}
-
-    def evaluate_dev(step: int) -> dict[str, float]:
-        metrics, outputs[step] = evaluate(job)
-        return metrics
-
-    schedule = Schedule(max_steps=job.max_steps, log_every=args.log_every, eval_every=args.eval_every,
-                        eval_at_end=True)
-    loop = TrainingLoop(job.engine, train_batches(job), schedule, grad_accum=job.run.grad_accum,
-                        metrics=job.metrics, guard=NonFiniteGuard(**job.run.nonfinite_loss),
-                        profiler=StepProfiler(args.profile, job.output_dir / "profile"),
-                        description=f"finetune squad v{args.version}", evaluate=evaluate_dev,
-                        after_eval=lambda step, metrics: keep_if_best(job, step, metrics, outputs.pop(step)),
-                        logger=log)
-    loop.run({"step": 0})
-    return job.best
+    return keep_best_over_training(job, evaluate, keep_if_best, f"finetune squad v{job.args.version}", collate)
 
 
 def keep_if_best(job: Job, step: int, metrics: dict[str, float], outputs: dict[str, Any]) -> None:
