@@ -467,10 +467,16 @@ def predict_test(job: Job) -> list[Path]:
 def finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Setup, fit, test predictions; returns the best evaluation. Leaves the process group open, so
     that several runs can share it (``run`` closes it; re-creating a multi-rank group is racy)."""
-    job = setup(args)
+    return fit_to_the_end(setup(args), fit, predict_test)
+
+
+def fit_to_the_end(job, fit: Callable, after_fit: Callable | None = None) -> dict[str, Any]:
+    """``fit(job)``, then ``after_fit(job)``; marks the run finished and releases its folder's lock (also
+    on an error). Returns the best evaluation without its weights. The GLUE and SQuAD jobs end so."""
     try:
         best = fit(job)
-        predict_test(job)
+        if after_fit is not None:
+            after_fit(job)
         job.metrics.write_event({"event": "finished", "step": job.max_steps})
         job.metrics.close()
         mark_finished(job.output_dir)

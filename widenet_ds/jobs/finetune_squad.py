@@ -74,6 +74,7 @@ from .args import (
 )
 from .finetune import (
     COMPILED_PAD_MULTIPLE,
+    fit_to_the_end,
     gather_full_weights,
     keep_best_over_training,
     load_tokenizer,
@@ -85,7 +86,6 @@ from .run_dir import (
     REPO_ROOT,
     OutputDirLock,
     claim_output_dir,
-    mark_finished,
     write_run_record,
 )
 
@@ -339,16 +339,7 @@ def export_best(job: Job, weights: dict[str, torch.Tensor], outputs: dict[str, A
 
 def finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Setup and fit; returns the best evaluation. Leaves the process group open (``run`` closes it)."""
-    job = setup(args)
-    try:
-        best = fit(job)
-        job.metrics.write_event({"event": "finished", "step": job.max_steps})
-        job.metrics.close()
-        mark_finished(job.output_dir)
-    finally:
-        if job.lock is not None:
-            job.lock.release()
-    return {k: v for k, v in best.items() if k != "state"}
+    return fit_to_the_end(setup(args), fit)
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:

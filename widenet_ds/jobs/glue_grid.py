@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import close_distributed, is_main_process
-from ..glue import GlueDataError, TaskSpec, describe_task_columns, get_task, results_table
+from ..glue import (
+    GlueDataError,
+    TaskSpec,
+    describe_task_columns,
+    get_task,
+    results_table,
+)
 from . import finetune
 from .args import HelpFormatter
 from .run_dir import is_finished

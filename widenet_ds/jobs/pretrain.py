@@ -308,7 +308,9 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 export_final(job)
             job.metrics.close()
             if not job.stopped_by and is_main_process():
-                from ..analysis.report import finish_pretraining  # matplotlib only where a report is written
+                from ..analysis.report import (
+                    finish_pretraining,  # matplotlib only where a report is written
+                )
 
                 finish_pretraining(job.output_dir)
         finally:

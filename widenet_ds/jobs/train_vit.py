@@ -36,7 +36,12 @@ from ..data.images import (
     load_image_folders,
     train_batches,
 )
-from ..distributed import distributed_run, init_distributed, is_main_process, on_rank_zero
+from ..distributed import (
+    distributed_run,
+    init_distributed,
+    is_main_process,
+    on_rank_zero,
+)
 from ..engine import checkpointing
 from ..engine.ds_config import RunConfig, load_run_config
 from ..engine.guards import NonFiniteGuard
